@@ -1,0 +1,94 @@
+"""A datamodule over in-memory tensors, yielding dict batches {'x': ..., optionally 'cond': ...}."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+def collate_dict(batch):
+    """TensorDictDataset already returns whole batches: pass them through."""
+    return batch
+
+
+class TensorDictDataset(Dataset):
+    """Indexes every tensor of a dict at once; __getitems__ makes a batch one gather instead of B calls."""
+
+    def __init__(self, **tensors: torch.Tensor):
+        lengths = {len(v) for v in tensors.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"all tensors need the same length, got {lengths}")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, index):
+        return {k: v[index] for k, v in self.tensors.items()}
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {k: v[idx] for k, v in self.tensors.items()}
+
+
+class ArrayDataModule(pl.LightningDataModule):
+    """Subclasses set data_shape, cond_dim, data_kind and implement load_split(split) -> Tensor or dict."""
+
+    data_kind = "image"  # 'image' | 'points' | 'trajectory': how samples are rendered
+
+    def __init__(self, batch_size: int = 128, num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False):
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.data_shape: tuple[int, ...] = ()
+        self.cond_dim: int | None = None
+        self._splits: dict[str, TensorDictDataset] = {}
+
+    def load_split(self, split: str):
+        raise NotImplementedError
+
+    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def render(self, x: torch.Tensor) -> np.ndarray:
+        raise NotImplementedError
+
+    def make_metric(self):
+        return None
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in ("train", "val"):
+            if split not in self._splits:
+                data = self.load_split(split)
+                data = data if isinstance(data, dict) else {"x": data}
+                self._splits[split] = TensorDictDataset(**data)
+
+    def dataset(self, split: str) -> TensorDictDataset:
+        self.setup()
+        return self._splits[split]
+
+    def _loader(self, split: str, shuffle: bool, drop_last: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            collate_fn=collate_dict,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if len(self.dataset("train")) < self.batch_size:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is larger than the training set ({len(self.dataset('train'))}); lower it"
+            )
+        return self._loader("train", shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False, drop_last=False)

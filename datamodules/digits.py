@@ -1,0 +1,77 @@
+"""scikit-learn's handwritten digits (8x8, shipped with the package): the offline default."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from datamodules.base import ArrayDataModule
+
+DIGITS_MAX = 16.0  # pixel values in load_digits are integers 0..16
+
+
+def load_digits_split(split: str, val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Images in [-1, 1] shaped (N, 1, 8, 8) float32 and labels (N,) int64.
+
+    The split is a fixed permutation of the 1797 images (seed 0 by default), so
+    the project's digits classifier, the Frechet floor and every training run see
+    the same train/val split.
+    """
+    from sklearn.datasets import load_digits
+
+    if split not in ("train", "val", "all"):
+        raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+    digits = load_digits()
+    images = (digits.images.astype(np.float32) / DIGITS_MAX) * 2.0 - 1.0
+    images = images[:, None]
+    labels = digits.target.astype(np.int64)
+    if split == "all":
+        return images, labels
+    order = np.random.default_rng(seed).permutation(len(images))
+    n_val = int(round(val_fraction * len(images)))
+    idx = order[:n_val] if split == "val" else order[n_val:]
+    return images[idx], labels[idx]
+
+
+class DigitsDataModule(ArrayDataModule):
+    """8x8 grayscale digits scaled to [-1, 1]; batches are {'x': (B, 1, 8, 8)}."""
+
+    data_kind = "image"
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+    ):
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+        )
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.data_shape = (1, 8, 8)
+        self.cond_dim = None
+
+    def load_split(self, split: str) -> torch.Tensor:
+        images, _ = load_digits_split(split, self.val_fraction, self.split_seed)
+        return torch.from_numpy(images)
+
+    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Back to the dataset's pixel scale 0..16."""
+        return ((x.clamp(-1, 1) + 1.0) / 2.0) * DIGITS_MAX
+
+    def render(self, x: torch.Tensor) -> np.ndarray:
+        from callbacks.visualize import image_grid
+
+        return image_grid((x.clamp(-1, 1) + 1.0) / 2.0, upscale=4)
+
+    def make_metric(self):
+        from evaluation.digits_classifier import DigitsFrechetDistance
+
+        return DigitsFrechetDistance(val_fraction=self.val_fraction, seed=self.split_seed)

@@ -1,0 +1,124 @@
+"""What every method shares: optimisation, logging, validation with fixed noise, RNG in checkpoints.
+
+A method subclasses `DiffusionModule` and implements `loss(batch, generator)`
+and `sample(num_samples, cond=None, sampler=None, steps=None, generator=None)`.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import nn
+
+VAL_SEED = 12345  # validation noise is fixed so val/loss is comparable across steps
+
+
+class DiffusionModule(pl.LightningModule):
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        data_shape: tuple[int, ...] = (),
+        cond_dim: int | None = None,
+        clip_denoised: bool = False,
+    ):
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.data_shape = tuple(data_shape)
+        self.cond_dim = cond_dim
+        self.clip_denoised = clip_denoised
+        # Set by train.py: the resolved run config, stored in every checkpoint so a checkpoint can rebuild itself.
+        self.run_config: dict | None = None
+
+    # --- what a method provides -------------------------------------------------------------
+    def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(self, num_samples: int, cond=None, sampler=None, steps=None, generator=None, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def nfe(self, sampler: str | None = None, steps: int | None = None) -> int:
+        """Network evaluations per sample for a sampler setting (reported beside every quality figure)."""
+        raise NotImplementedError
+
+    # --- helpers for methods ----------------------------------------------------------------
+    def prior_noise(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn((num_samples, *self.data_shape), generator=generator, device=self._generator_device(generator))
+
+    def _generator_device(self, generator: torch.Generator | None) -> torch.device:
+        return generator.device if generator is not None else self.device
+
+    def check_cond(self, cond, num_samples: int):
+        if self.cond_dim is None and cond is not None:
+            raise ValueError("this model was trained without conditioning: call sample(..., cond=None)")
+        if self.cond_dim is not None:
+            if cond is None:
+                raise ValueError(f"this model is conditional (cond_dim={self.cond_dim}): pass cond of shape (N, {self.cond_dim})")
+            if cond.shape[0] != num_samples:
+                raise ValueError(f"cond has {cond.shape[0]} rows but num_samples={num_samples}")
+        return cond
+
+    # --- Lightning ----------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["x"].shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # A finiteness check costs a device sync, so do it only when Lightning logs anyway.
+        if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            if loss is not None and not torch.isfinite(loss).all():
+                raise FloatingPointError(
+                    f"training loss is {loss.item()} at step {self.global_step}: lower model.optimizer.lr, "
+                    "keep trainer.gradient_clip_val set (1.0), or use trainer.precision=32-true if bf16/fp16 overflowed"
+                )
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        generator = torch.Generator(device=self.device).manual_seed(VAL_SEED + batch_idx)
+        loss = self.loss(batch, generator=generator)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["x"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["difflab"] = {
+            "config": self.run_config,
+            "data_shape": list(self.data_shape),
+            "cond_dim": self.cond_dim,
+            "method": f"{type(self).__module__}.{type(self).__qualname__}",
+        }
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states is None:
+            return
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if world_size == 1:
+            torch.set_rng_state(states["torch"])
+            np.random.set_state(states["numpy"])
+            random.setstate(states["python"])
+            if states["cuda"] is not None and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states["cuda"])
+        else:
+            # Only rank 0's state is saved: ranks must not share one stream, so derive a distinct one per rank.
+            pl.seed_everything(int(checkpoint.get("global_step", 0)) * 1000 + self.global_rank, workers=True, verbose=False)

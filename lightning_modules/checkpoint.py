@@ -1,0 +1,65 @@
+"""Build a method from a config, and rebuild it from a checkpoint alone (EMA weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules.base import DiffusionModule
+
+
+def build_model(cfg: DictConfig, data_shape, cond_dim) -> DiffusionModule:
+    """The net from cfg.net and the method from cfg.model, both sized by the datamodule."""
+    data_shape = tuple(int(d) for d in data_shape)
+    net = instantiate(cfg.net, data_shape=data_shape, cond_dim=cond_dim)
+    return instantiate(cfg.model, net=net, data_shape=data_shape, cond_dim=cond_dim)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (runs save theirs under logs/train/<run>/checkpoints/)")
+    # Our own checkpoints hold the run config and RNG states (Python objects), hence weights_only=False:
+    # load only checkpoints you trust.
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if "difflab" not in ckpt or not ckpt["difflab"].get("config"):
+        raise ValueError(
+            f"{path} was not written by this project's train.py (it has no 'difflab' entry with the run config); "
+            "train with `python train.py ...` and use the .ckpt it saves"
+        )
+    return ckpt
+
+
+def check_compatible(ckpt: dict, cfg: DictConfig, path: str | Path) -> None:
+    """Refuse to resume a run of another method or net with a clear message instead of a state_dict error."""
+    saved = OmegaConf.create(ckpt["difflab"]["config"])
+    for group in ("model", "net"):
+        want, have = cfg[group].get("_target_"), saved[group].get("_target_")
+        if want != have:
+            raise ValueError(
+                f"checkpoint {path} is a {group} '{have}', but this run's config builds '{want}': "
+                f"pass the same {group}=... the checkpoint was trained with"
+            )
+    net_now = OmegaConf.to_container(cfg.net, resolve=True)
+    net_then = OmegaConf.to_container(saved.net, resolve=True)
+    if net_now != net_then:
+        raise ValueError(f"checkpoint {path} has net settings {net_then}, this run has {net_now}: use the same net.* values")
+
+
+def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[DiffusionModule, dict]:
+    """The method with its EMA weights (Lightning's WeightAveraging saves the average as `state_dict`)."""
+    ckpt = read_checkpoint(path)
+    meta = ckpt["difflab"]
+    cfg = OmegaConf.create(meta["config"])
+    model = build_model(cfg, meta["data_shape"], meta["cond_dim"])
+    model.load_state_dict(ckpt["state_dict"])
+    model.run_config = meta["config"]
+    return model.to(map_location).eval(), ckpt
+
+
+def instantiate_datamodule(config: dict):
+    """The run's datamodule (not set up: unnormalize/render need no data on disk for images and toys)."""
+    return instantiate(OmegaConf.create(config)["data"])

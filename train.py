@@ -1,0 +1,130 @@
+"""Train any method on any dataset: `python train.py [model=...] [data=...] [key=value ...]`.
+
+`python train.py --help` lists the config groups; see README.md for examples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks.sample_logger import log_image
+from callbacks.visualize import save_png
+from lightning_modules.checkpoint import build_model, check_compatible, read_checkpoint
+
+log = logging.getLogger("train")
+
+
+def _instantiate_all(group: DictConfig | None) -> list:
+    # Entries without _target_ are settings a data config adjusted for a callback that is not selected.
+    return [instantiate(c) for c in (group or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def _flat(cfg: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+def sample_in_batches(module, num_samples: int, batch_size: int, seed: int, **kwargs) -> torch.Tensor:
+    generator = torch.Generator(device=module.device).manual_seed(seed)
+    chunks, done = [], 0
+    while done < num_samples:
+        n = min(batch_size, num_samples - done)
+        chunks.append(module.sample(n, generator=generator, **kwargs).float().cpu())
+        done += n
+    return torch.cat(chunks)
+
+
+def final_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Trainer, out_dir: Path) -> dict:
+    """Samples from the final EMA weights: PNG, .npz in data space and the quality figure in metrics.json."""
+    module.eval()
+    sampler, steps = cfg.final_eval.sampler, cfg.final_eval.steps
+    start = time.perf_counter()
+    x = sample_in_batches(module.to(trainer.strategy.root_device), cfg.final_eval.num_samples, 1024, cfg.final_eval.seed, sampler=sampler, steps=steps)
+    seconds = time.perf_counter() - start
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image = datamodule.render(x[:64] if datamodule.data_kind == "image" else x)
+    png = save_png(image, out_dir / "samples.png")
+    np.savez_compressed(out_dir / "samples.npz", samples=datamodule.unnormalize(x).numpy())
+    result = {
+        "num_samples": int(x.shape[0]),
+        "sampler": sampler or getattr(module, "sampler", None),
+        "steps": steps or getattr(module, "sample_steps", None),
+        "nfe": module.nfe(sampler, steps),
+        "sampling_seconds": round(seconds, 3),
+        "global_step": trainer.global_step,
+        "samples_png": str(png),
+    }
+    metric = datamodule.make_metric()
+    if metric is not None:
+        result["metric"] = metric.name
+        result["value"] = float(metric(x))
+        result["floor"] = float(metric.floor())
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    log_image(trainer, "final/samples", image, trainer.global_step)
+    for logger in trainer.loggers:
+        if "value" in result:
+            logger.log_metrics({f"final/{result['metric']}": result["value"], f"final/{result['metric']}_floor": result["floor"]}, step=trainer.global_step)
+        logger.finalize("success")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> dict | None:
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    model = build_model(cfg, datamodule.data_shape, datamodule.cond_dim)
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    n_params = sum(p.numel() for p in model.net.parameters())
+    log.info(f"{type(model).__name__} with {type(model.net).__name__}: {n_params / 1e6:.2f}M parameters; data shape {datamodule.data_shape}")
+
+    if cfg.ckpt_path:
+        check_compatible(read_checkpoint(cfg.ckpt_path), cfg, cfg.ckpt_path)
+
+    out_dir = Path(cfg.paths.output_dir)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")) or False)
+    for logger in trainer.loggers:
+        logger.log_hyperparams({**_flat(model.run_config), "net.num_params": n_params})
+
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    train_seconds = time.perf_counter() - start
+    if not trainer.is_global_zero:
+        return None
+
+    result = final_evaluation(cfg, model, datamodule, trainer, out_dir / "final")
+    result["train_seconds"] = round(train_seconds, 1)
+    train_loss = trainer.callback_metrics.get("train/loss")
+    result["final_train_loss"] = float(train_loss) if train_loss is not None else None
+    (out_dir / "final" / "metrics.json").write_text(json.dumps(result, indent=2))
+
+    ckpt_cb = trainer.checkpoint_callback
+    lines = [
+        f"Run directory:  {out_dir}",
+        f"Checkpoints:    {ckpt_cb.last_model_path or '-'} (last), {ckpt_cb.best_model_path or '-'} (best val/loss)" if ckpt_cb else "Checkpoints:    none (no ModelCheckpoint callback)",
+        f"Samples:        {result['samples_png']} ({result['sampler']}, {result['nfe']} NFE)",
+    ]
+    if "value" in result:
+        lines.append(f"Quality:        {result['metric']} = {result['value']:.4g} (floor {result['floor']:.4g}, {result['num_samples']} samples)")
+    lines += [f"Metrics:        {out_dir / 'final' / 'metrics.json'}", f"TensorBoard:    tensorboard --logdir {out_dir}"]
+    print("\n" + "\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()
