@@ -1,0 +1,109 @@
+"""Every file in configs/ composes and instantiates; wrong keys and groups fail with their names."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from conftest import CONFIG_DIR, run_cli
+from lightning_modules.checkpoint import build_model
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def compose_train(overrides: list[str], tmp_path: Path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    return cfg
+
+
+def build(cfg):
+    datamodule = instantiate(cfg.data)
+    return datamodule, build_model(cfg, datamodule.data_shape, datamodule.cond_dim)
+
+
+@pytest.mark.parametrize("data", options("data"))
+def test_every_data_config_builds_a_datamodule_and_model(data, tmp_path):
+    cfg = compose_train([f"data={data}"], tmp_path)
+    datamodule, model = build(cfg)
+    assert tuple(model.data_shape) == tuple(datamodule.data_shape)
+    x = torch.zeros(2, *datamodule.data_shape)
+    out = model.net(x, torch.zeros(2))
+    assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("net", options("net"))
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_and_net_config_instantiates(model, net, tmp_path):
+    cfg = compose_train([f"model={model}", f"net={net}"], tmp_path)
+    _, module = build(cfg)
+    optim = module.configure_optimizers()
+    assert optim is not None
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_every_trainer_config_instantiates(trainer, tmp_path):
+    cfg = compose_train([f"trainer={trainer}"], tmp_path)
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        pytest.skip(f"trainer={trainer} needs a GPU (accelerator=gpu); composition was checked above")
+    with open_dict(cfg):
+        cfg.trainer.logger = False
+    trainer_obj = instantiate(cfg.trainer)
+    assert trainer_obj.max_steps == cfg.trainer.max_steps
+
+
+@pytest.mark.parametrize("group", ["callbacks", "logger"])
+def test_callbacks_and_loggers_instantiate(group, tmp_path):
+    for option in options(group):
+        cfg = compose_train([f"{group}={option}"], tmp_path)
+        for name, sub in (cfg.get(group) or {}).items():
+            if "_target_" in sub:
+                assert instantiate(sub) is not None, name
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes_and_builds(experiment, tmp_path):
+    cfg = compose_train([f"experiment={experiment}"], tmp_path)
+    _, module = build(cfg)
+    assert sum(p.numel() for p in module.parameters()) > 0
+
+
+def test_cifar10_ddpm_experiment_pins_the_paper_settings(tmp_path):
+    cfg = compose_train(["experiment=cifar10_ddpm"], tmp_path)
+    assert cfg.model.optimizer.lr == 2e-4 and cfg.model.scheduler.warmup_steps == 5000
+    assert cfg.data.batch_size == 128 and cfg.callbacks.ema.decay == 0.9999
+    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.max_steps == 800_000
+    _, module = build(cfg)
+    assert 35.5e6 < sum(p.numel() for p in module.net.parameters()) < 35.9e6
+
+
+def test_toy_data_switches_to_the_mlp_unless_the_user_picks_a_net(tmp_path):
+    assert compose_train(["data=toy2d"], tmp_path).net._target_.endswith("MLP")
+    assert compose_train(["data=toy2d", "net=unet_small"], tmp_path).net._target_.endswith("UNet")
+
+
+@pytest.mark.slow
+def test_misspelt_key_and_group_fail_at_start_naming_them():
+    bad_key = run_cli("train.py", "model.optimizr.lr=1", check=False)
+    assert bad_key.returncode != 0 and "optimizr" in bad_key.stderr
+    bad_group = run_cli("train.py", "model=ddpx", check=False)
+    assert bad_group.returncode != 0 and "ddpx" in bad_group.stderr and "ddpm" in bad_group.stderr
+
+
+@pytest.mark.slow
+def test_help_lists_the_config_groups():
+    out = run_cli("train.py", "--help").stdout
+    for group in ("model", "data", "trainer", "callbacks", "logger", "experiment", "net"):
+        assert f"{group}:" in out, group
+    assert "toy2d" in out and "cifar10_ddpm" in out
