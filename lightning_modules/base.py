@@ -101,9 +101,11 @@ class DiffusionModule(pl.LightningModule):
             "cond_dim": self.cond_dim,
             "method": f"{type(self).__module__}.{type(self).__qualname__}",
         }
+        # Tensors and plain types only, so checkpoints load with torch.load(weights_only=True).
+        np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
+            "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
             "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
@@ -115,7 +117,8 @@ class DiffusionModule(pl.LightningModule):
         world_size = self.trainer.world_size if self._trainer is not None else 1
         if world_size == 1:
             torch.set_rng_state(states["torch"])
-            np.random.set_state(states["numpy"])
+            kind, keys, pos, has_gauss, gauss = states["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
             random.setstate(states["python"])
             if states["cuda"] is not None and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(states["cuda"])

@@ -22,9 +22,7 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (runs save theirs under logs/train/<run>/checkpoints/)")
-    # Our own checkpoints hold the run config and RNG states (Python objects), hence weights_only=False:
-    # load only checkpoints you trust.
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if "difflab" not in ckpt or not ckpt["difflab"].get("config"):
         raise ValueError(
             f"{path} was not written by this project's train.py (it has no 'difflab' entry with the run config); "

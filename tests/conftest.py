@@ -9,10 +9,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch):
-    """Metrics cache (digits classifier) per test session, never the user's ~/.cache."""
-    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path_factory.getbasetemp() / "difflab_cache"))
+@pytest.fixture(scope="session", autouse=True)
+def difflab_cache(tmp_path_factory):
+    """One metrics cache (digits classifier) per test session, shared with CLI subprocesses; never ~/.cache."""
+    path = tmp_path_factory.mktemp("difflab_cache")
+    old = os.environ.get("DIFFLAB_CACHE")
+    os.environ["DIFFLAB_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("DIFFLAB_CACHE", None)
+    else:
+        os.environ["DIFFLAB_CACHE"] = old
 
 
 def run_cli(script: str, *overrides: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:

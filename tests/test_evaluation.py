@@ -95,13 +95,9 @@ def test_frechet_reference_stats_cached_and_reused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    # Module-scoped so the classifier trains once for all digits tests, and the
-    # user's real cache is never touched.
-    path = tmp_path_factory.mktemp("difflab_cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DIFFLAB_CACHE", str(path))
-        yield path
+def cache_dir(difflab_cache):
+    # conftest points DIFFLAB_CACHE at a per-session folder: the classifier trains once, ~/.cache is untouched.
+    return difflab_cache
 
 
 @pytest.fixture(scope="module")

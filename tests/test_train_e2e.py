@@ -1,5 +1,6 @@
 """train.py and sample.py end to end with tiny settings, as a user runs them; resume restores every state."""
 
+import copy
 import json
 from functools import partial
 from pathlib import Path
@@ -112,8 +113,11 @@ class CaptureAtStart(pl.Callback):
         self.step = trainer.global_step
         self.current = {k: v.clone() for k, v in pl_module.state_dict().items()}
         self.ema = {k: v.clone() for k, v in ema._average_model.module.state_dict().items()}
-        self.optimizer = trainer.optimizers[0].state_dict()
+        self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())
         self.lr_step = trainer.lr_scheduler_configs[0].scheduler.last_epoch
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        # right after the module restored the RNG (dataloader iterators draw from it before on_train_start)
         self.torch_rng = torch.get_rng_state()
 
 
@@ -134,10 +138,10 @@ def test_resume_restores_weights_ema_optimizer_schedule_and_rng(tmp_path):
     data = Toy2DDataModule("8gaussians", num_train=512, num_val=64, batch_size=64)
     model = toy_model()
     model.run_config = {"note": "in-process test"}
-    trainer = toy_trainer(tmp_path, 7, [EMA(decay=0.99)])
-    trainer.fit(model, datamodule=data)
-    ckpt_path = tmp_path / "step7.ckpt"
-    trainer.save_checkpoint(ckpt_path)
+    # The checkpoint a run leaves (written during training: after fit() the module already holds the EMA weights).
+    checkpointing = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True, every_n_train_steps=7)
+    toy_trainer(tmp_path, 7, [EMA(decay=0.99), checkpointing]).fit(model, datamodule=data)
+    ckpt_path = tmp_path / "ckpts" / "last.ckpt"
     saved = torch.load(ckpt_path, weights_only=False)
 
     capture = CaptureAtStart()
