@@ -12,7 +12,6 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from callbacks.visualize import save_png
 from lightning_modules.checkpoint import instantiate_datamodule, load_module
@@ -31,15 +30,9 @@ def main(cfg: DictConfig) -> Path:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.ckpt_path).resolve().parent.parent / "samples" / f"{sampler}_{module.nfe(cfg.sampler, cfg.steps)}nfe"
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    chunks = []
     start = time.perf_counter()
-    with tqdm(total=cfg.num_samples, desc=f"sampling ({sampler}, {module.nfe(cfg.sampler, cfg.steps)} NFE)", disable=not cfg.progress) as bar:
-        while sum(len(c) for c in chunks) < cfg.num_samples:
-            n = min(cfg.batch_size, cfg.num_samples - sum(len(c) for c in chunks))
-            chunks.append(module.sample(n, generator=generator, **kwargs).float().cpu())
-            bar.update(n)
+    x = module.sample_many(cfg.num_samples, cfg.batch_size, generator, progress=cfg.progress, **kwargs)
     seconds = time.perf_counter() - start
-    x = torch.cat(chunks)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(

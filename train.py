@@ -40,22 +40,14 @@ def _flat(cfg: dict, prefix: str = "") -> dict:
     return out
 
 
-def sample_in_batches(module, num_samples: int, batch_size: int, seed: int, **kwargs) -> torch.Tensor:
-    generator = torch.Generator(device=module.device).manual_seed(seed)
-    chunks, done = [], 0
-    while done < num_samples:
-        n = min(batch_size, num_samples - done)
-        chunks.append(module.sample(n, generator=generator, **kwargs).float().cpu())
-        done += n
-    return torch.cat(chunks)
-
-
 def final_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Trainer, out_dir: Path) -> dict:
     """Samples from the final EMA weights: PNG, .npz in data space and the quality figure in metrics.json."""
     module.eval()
     sampler, steps = cfg.final_eval.sampler, cfg.final_eval.steps
     start = time.perf_counter()
-    x = sample_in_batches(module.to(trainer.strategy.root_device), cfg.final_eval.num_samples, 1024, cfg.final_eval.seed, sampler=sampler, steps=steps)
+    module = module.to(trainer.strategy.root_device)
+    generator = torch.Generator(device=module.device).manual_seed(cfg.final_eval.seed)
+    x = module.sample_many(cfg.final_eval.num_samples, 1024, generator, sampler=sampler, steps=steps)
     seconds = time.perf_counter() - start
     out_dir.mkdir(parents=True, exist_ok=True)
     image = datamodule.render(x[:64] if datamodule.data_kind == "image" else x)

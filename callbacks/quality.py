@@ -1,42 +1,79 @@
-"""Log the datamodule's sample-quality figure (digits Frechet distance, toy sliced W1) during training."""
+"""Log the datamodule's sample-quality figure (digits Frechet distance, toy sliced W1, FID) during training.
+
+Under DDP each rank draws its own shard of `num_samples` with its own seed; the
+figure is computed once over all of them: a torchmetrics-style metric (FID)
+syncs its feature statistics across ranks, any other metric gets the samples
+gathered to rank 0.
+"""
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.ema import ema_weights
 
 
-class QualityMetric(pl.Callback):
-    """Every `every_n_val` validations, sample `num_samples` with the EMA weights and log `quality/<metric>`."""
+def shard_size(total: int, world_size: int, rank: int) -> int:
+    """Split `total` over ranks so the shards add up to exactly `total`."""
+    return total // world_size + (1 if rank < total % world_size else 0)
 
-    def __init__(self, num_samples: int = 512, every_n_val: int = 2, sampler: str | None = None, steps: int | None = None, seed: int = 1):
+
+def gather_shards(trainer: pl.Trainer, x: torch.Tensor, total: int) -> torch.Tensor:
+    """Every rank's shard on every rank, in rank order, exactly `total` rows (shards differ by at most one)."""
+    if trainer.world_size == 1:
+        return x
+    width = math.ceil(total / trainer.world_size)
+    padded = torch.zeros((width, *x.shape[1:]), dtype=x.dtype, device=trainer.strategy.root_device)
+    padded[: x.shape[0]] = x.to(padded.device)
+    gathered = trainer.strategy.all_gather(padded)  # (world, width, ...)
+    parts = [gathered[r, : shard_size(total, trainer.world_size, r)] for r in range(trainer.world_size)]
+    return torch.cat(parts).cpu()
+
+
+def measure(trainer: pl.Trainer, pl_module, metric, num_samples: int, seed: int, batch_size: int, **sample_kwargs) -> float | None:
+    """Sample `num_samples` over all ranks with the EMA weights and return the metric (on every rank for
+    synced metrics, on rank 0 otherwise; None on the other ranks)."""
+    rank, world = trainer.global_rank, trainer.world_size
+    generator = torch.Generator(device=pl_module.device).manual_seed(seed + 1_000_003 * rank)
+    with ema_weights(trainer, pl_module):
+        x = pl_module.sample_many(shard_size(num_samples, world, rank), batch_size, generator, **sample_kwargs)
+    if hasattr(metric, "update"):
+        metric.update(x)
+        return metric.compute()
+    x = gather_shards(trainer, x, num_samples)
+    return metric(x) if trainer.is_global_zero else None
+
+
+class QualityMetric(pl.Callback):
+    """Every `every_n_val` validations: `quality/<metric>` from `num_samples` EMA samples (total over ranks)."""
+
+    def __init__(self, num_samples: int = 512, every_n_val: int = 1, sampler: str | None = None, steps: int | None = None,
+                 seed: int = 1, batch_size: int = 1000):
         self.num_samples = num_samples
         self.every_n_val = every_n_val
         self.sampler = sampler
         self.steps = steps
         self.seed = seed
-        self._metric = None
+        self.batch_size = batch_size
+        self.metric = None
         self._val_count = 0
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Built at start so a missing resource (Inception weights) fails before any training time is spent.
+        if stage == "fit" and self.metric is None and getattr(pl_module, "cond_dim", None) is None:
+            self.metric = trainer.datamodule.make_metric()
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or getattr(pl_module, "cond_dim", None) is not None:
+        if trainer.sanity_checking or self.metric is None:
             return
         self._val_count += 1
-        if self._val_count % self.every_n_val == 0:
-            self._measure(trainer, pl_module)
-
-    @rank_zero_only
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._metric is None:
-            self._metric = trainer.datamodule.make_metric()
-            if self._metric is None:
-                return
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        with ema_weights(trainer, pl_module):
-            x = pl_module.sample(self.num_samples, sampler=self.sampler, steps=self.steps, generator=generator)
-        value = self._metric(x)
-        for logger in trainer.loggers:
-            logger.log_metrics({f"quality/{self._metric.name}": value}, step=trainer.global_step)
+        if self._val_count % self.every_n_val != 0:
+            return
+        value = measure(trainer, pl_module, self.metric, self.num_samples, self.seed, self.batch_size, sampler=self.sampler, steps=self.steps)
+        if trainer.is_global_zero and value is not None:
+            nfe = pl_module.nfe(self.sampler, self.steps)
+            for logger in trainer.loggers:
+                logger.log_metrics({f"quality/{self.metric.name}": value, f"quality/{self.metric.name}_nfe": nfe}, step=trainer.global_step)

@@ -48,6 +48,22 @@ class DiffusionModule(pl.LightningModule):
         """Network evaluations per sample for a sampler setting (reported beside every quality figure)."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def sample_many(
+        self, num_samples: int, batch_size: int = 1000, generator: torch.Generator | None = None, cond=None, progress: bool = False, **kwargs
+    ) -> torch.Tensor:
+        """sample() in chunks of batch_size (memory stays bounded); one generator, so the result is reproducible."""
+        from tqdm.auto import tqdm
+
+        chunks = []
+        with tqdm(total=num_samples, disable=not progress, desc="sampling") as bar:
+            for start in range(0, num_samples, batch_size):
+                n = min(batch_size, num_samples - start)
+                part = None if cond is None else cond[start : start + n]
+                chunks.append(self.sample(n, cond=part, generator=generator, **kwargs).float().cpu())
+                bar.update(n)
+        return torch.cat(chunks) if chunks else torch.empty((0, *self.data_shape))
+
     # --- helpers for methods ----------------------------------------------------------------
     def prior_noise(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn((num_samples, *self.data_shape), generator=generator, device=self._generator_device(generator))

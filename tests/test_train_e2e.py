@@ -190,3 +190,16 @@ def test_loaded_checkpoint_samples_with_the_ema_weights(digits_run):
         torch.testing.assert_close(module.state_dict()[key], value)
     assert any((ckpt["state_dict"][k] != ckpt["current_model_state"][k]).any() for k in ckpt["state_dict"])
     assert module.sample(3, steps=2).shape == (3, 1, 8, 8)
+
+
+@pytest.mark.slow
+def test_evaluate_py_writes_the_figure_with_floor_nfe_and_speed(digits_run, tmp_path):
+    run_dir, _ = digits_run
+    out = tmp_path / "eval.json"
+    proc = run_cli("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "num_samples=400", "sampler=ddim", "steps=3", f"out={out}")
+    result = json.loads(out.read_text())
+    assert result["metric"] == "digits_frechet" and result["num_samples"] == 400 and result["nfe"] == 3
+    assert result["value"] > result["floor"] > 0 and result["samples_per_second"] > 0 and result["sampling_seconds"] > 0
+    assert "digits_frechet =" in proc.stdout
+    bad = run_cli("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "metric=sliced_w1", check=False)
+    assert bad.returncode != 0 and "not available" in bad.stderr

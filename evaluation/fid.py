@@ -1,0 +1,133 @@
+"""FID with torchmetrics' FrechetInceptionDistance and torch-fidelity's Inception weights.
+
+The real statistics (sums of features and of their outer products) are computed
+once per dataset and resolution and cached on disk; every later evaluation only
+runs the generated images through Inception. Any nn.Module mapping images to
+(N, D) features can stand in for Inception (tests do), injected exactly where
+Inception goes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from evaluation.digits_classifier import default_cache_dir
+from evaluation.frechet import atomic_write
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
+REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+def find_inception_weights(path: str | os.PathLike | None = None) -> str | None:
+    """The weights file from `path`, $DIFFLAB_INCEPTION or torch's hub cache; None if none exists."""
+    candidates = [path, os.environ.get("DIFFLAB_INCEPTION"), Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    if path:
+        raise FileNotFoundError(f"Inception weights not found at {path} (expected torch-fidelity's {INCEPTION_FILE})")
+    return None
+
+
+def inception_feature_extractor(weights_path: str | None = None) -> nn.Module:
+    """torch-fidelity's InceptionV3 ('pt_inception-2015-12-05'), 2048-d pool features, from a local file
+    or the usual cache; downloading it is torch-fidelity's own behaviour and needs the internet."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    local = find_inception_weights(weights_path)
+    try:
+        return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=local)
+    except Exception as err:  # offline download failure surfaces as URLError/OSError/RuntimeError
+        raise FileNotFoundError(
+            f"FID needs torch-fidelity's Inception weights ({INCEPTION_FILE}, ~91 MB) and could not load or download "
+            f"them ({type(err).__name__}: {err}). Download {INCEPTION_URL} on a machine with internet and either put it in "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'} or pass its path (callbacks.quality / evaluate.py: "
+            "inception_weights=PATH, or set DIFFLAB_INCEPTION=PATH). No other network is substituted for it."
+        ) from err
+
+
+class InceptionFID:
+    """FID of generated images (in [-1, 1]) against a datamodule's real training images."""
+
+    name = "fid"
+
+    def __init__(
+        self,
+        datamodule,
+        feature_extractor: nn.Module | None = None,
+        inception_weights: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        max_real: int | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 250,
+    ):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        custom = feature_extractor is not None
+        extractor = feature_extractor if custom else inception_feature_extractor(inception_weights)
+        self.extractor_id = getattr(extractor, "cache_id", type(extractor).__name__) if custom else "inception2015"
+        # normalize=True: torchmetrics takes float images in [0, 1] (and turns them to uint8 for Inception itself).
+        self.metric = FrechetInceptionDistance(
+            feature=extractor, reset_real_features=False, normalize=True, input_img_size=tuple(datamodule.data_shape)
+        ).to(device)
+        self.datamodule = datamodule
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.max_real = max_real
+        cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
+        suffix = f"_n{max_real}" if max_real else ""
+        self.cache_path = cache_root / "fid_stats" / f"{datamodule.fid_name}_{self.extractor_id}{suffix}.pt"
+        self.real_images_seen = 0
+        self._floor: float | None = None
+        self._load_or_compute_real()
+
+    @staticmethod
+    def _to_unit(x: torch.Tensor) -> torch.Tensor:
+        return ((x.float().clamp(-1, 1) + 1) / 2).to(torch.float32)
+
+    def _load_or_compute_real(self) -> None:
+        if self.cache_path.is_file():
+            states = torch.load(self.cache_path, map_location=self.device, weights_only=True)
+        else:
+            for batch in self.datamodule.real_images_for_fid("train", self.max_real):
+                self.metric.update(self._to_unit(batch["x"]).to(self.device), real=True)
+                self.real_images_seen += batch["x"].shape[0]
+            states = {name: getattr(self.metric, name).detach().cpu() for name in REAL_STATES}
+            atomic_write(self.cache_path, lambda f: torch.save(states, f))
+        self._set_real(states)
+
+    def _set_real(self, states: dict) -> None:
+        # Under DDP compute() sums states over ranks: only rank 0 holds the real statistics, so they count once.
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        for name in REAL_STATES:
+            value = states[name].to(self.device)
+            setattr(self.metric, name, value if rank == 0 else torch.zeros_like(value))
+
+    def update(self, samples: torch.Tensor) -> None:
+        for chunk in samples.split(self.batch_size):
+            self.metric.update(self._to_unit(chunk).to(self.device), real=False)
+
+    def compute(self) -> float:
+        """FID over every rank's updates since the last reset; resets the generated side only."""
+        value = float(self.metric.compute())
+        self.metric.reset()  # keeps the real statistics (reset_real_features=False)
+        return value
+
+    def __call__(self, samples: torch.Tensor) -> float:
+        self.update(samples)
+        return self.compute()
+
+    def floor(self, num_images: int = 10_000) -> float:
+        """FID of held-out real images (the datamodule's val split) against the training statistics."""
+        if self._floor is None:
+            seen = 0
+            for batch in self.datamodule.real_images_for_fid("val", num_images):
+                self.update(batch["x"])
+                seen += batch["x"].shape[0]
+            self._floor = self.compute()
+        return self._floor
