@@ -63,7 +63,7 @@ def main(cfg: DictConfig) -> dict:
         "global_step": int(ckpt.get("global_step", -1)),
         "metric": metric.name,
         "value": value,
-        "floor": float(metric.floor()),
+        "floor": float(metric.floor(x.shape[0])),
         "num_samples": num_samples,
         "sampler": sampler,
         "steps": cfg.steps or getattr(module, "sample_steps", None),

@@ -66,7 +66,7 @@ def final_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Trainer, o
     if metric is not None:
         result["metric"] = metric.name
         result["value"] = float(metric(x))
-        result["floor"] = float(metric.floor())
+        result["floor"] = float(metric.floor(x.shape[0]))
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     log_image(trainer, "final/samples", image, trainer.global_step)
     for logger in trainer.loggers:

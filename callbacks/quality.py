@@ -65,6 +65,8 @@ class QualityMetric(pl.Callback):
         # Built at start so a missing resource (Inception weights) fails before any training time is spent.
         if stage == "fit" and self.metric is None and getattr(pl_module, "cond_dim", None) is None:
             self.metric = trainer.datamodule.make_metric()
+            if hasattr(self.metric, "to"):
+                self.metric.to(pl_module.device)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.metric is None:
@@ -74,6 +76,10 @@ class QualityMetric(pl.Callback):
             return
         value = measure(trainer, pl_module, self.metric, self.num_samples, self.seed, self.batch_size, sampler=self.sampler, steps=self.steps)
         if trainer.is_global_zero and value is not None:
-            nfe = pl_module.nfe(self.sampler, self.steps)
+            name = self.metric.name
+            logged = {f"quality/{name}": value, f"quality/{name}_nfe": pl_module.nfe(self.sampler, self.steps)}
+            if not hasattr(self.metric, "update"):
+                # cheap for digits/toys; FID's floor needs 10k held-out images through Inception: see evaluate.py
+                logged[f"quality/{name}_floor"] = self.metric.floor(self.num_samples)
             for logger in trainer.loggers:
-                logger.log_metrics({f"quality/{self.metric.name}": value, f"quality/{self.metric.name}_nfe": nfe}, step=trainer.global_step)
+                logger.log_metrics(logged, step=trainer.global_step)

@@ -1,43 +1,75 @@
-"""CIFAR-10 through torchvision: 32x32 RGB in [-1, 1], random horizontal flips for training (DDPM/NCSN++)."""
+"""CIFAR-10: 32x32 RGB in [-1, 1], random horizontal flips for training (DDPM/NCSN++).
+
+The python-pickle batches are read here rather than through torchvision.datasets.CIFAR10:
+that class md5-checks all seven files (~170 MB) on every construction, even with
+download=False, and reports a missing or mismatching file as a bare RuntimeError
+(so no test copy can pass it either). torchvision is used only to download.
+"""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
 
-CIFAR10_FILES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch", "batches.meta"]
+from datamodules.images import ImageDataModule, ImageDataset
 
-
-class _AsDict(Dataset):
-    """torchvision's (image, label) pairs as the project's batch dict."""
-
-    def __init__(self, base: Dataset):
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index):
-        image, _ = self.base[index]
-        return {"x": image}
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_FILES = ["test_batch"]
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
-def missing_cifar10_error(root: Path) -> FileNotFoundError:
-    folder = root / "cifar-10-batches-py"
+def missing_cifar10_error(root: Path, missing: list[str], cause: str = "") -> FileNotFoundError:
     return FileNotFoundError(
-        f"CIFAR-10 not found: expected the python-pickle batches {CIFAR10_FILES} in {folder}. "
-        "Either run with data.download=true (needs internet), or download "
-        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it into "
-        f"{root} (it unpacks to cifar-10-batches-py/), or point data.root at the folder that contains cifar-10-batches-py/."
+        f"CIFAR-10 not found: expected the python batches {TRAIN_FILES + TEST_FILES} in {root / FOLDER} "
+        f"(missing: {missing}). {cause}Either run with data.download=true (needs internet), or download {URL} "
+        f"and extract it into {root} (it unpacks to {FOLDER}/), or set data.root to the folder that contains {FOLDER}/."
     )
 
 
-class CIFAR10DataModule(pl.LightningDataModule):
-    data_kind = "image"
+def read_cifar10_batches(folder: Path, names: list[str]) -> torch.Tensor:
+    """The images of the named batch files, uint8 (N, 3, 32, 32)."""
+    arrays = []
+    for name in names:
+        path = folder / name
+        try:
+            with open(path, "rb") as f:
+                # The batches are Python 2 pickles: latin1 turns their str into what numpy expects.
+                entry = pickle.load(f, encoding="latin1")
+        except (pickle.UnpicklingError, EOFError, ValueError) as err:
+            raise ValueError(f"{path} is not a readable CIFAR-10 python batch ({err}); delete it and download {URL} again") from None
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: expected a pickled dict with 'data', got {type(entry).__name__}")
+        entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+        data = np.asarray(entry.get("data"))
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{path}: expected 'data' as uint8 (N, 3072), got {data.dtype} {data.shape}; is this another data set?")
+        arrays.append(data)
+    # Each row is three 32x32 planes (R, G, B), each row-major.
+    return torch.from_numpy(np.concatenate(arrays).reshape(-1, 3, 32, 32))
+
+
+class ArrayImages(ImageDataset):
+    """Images held in memory as uint8 (N, C, H, W); `indices` picks a split without copying."""
+
+    def __init__(self, images: torch.Tensor, indices: list[int] | None = None, flip: bool = False):
+        super().__init__(flip)
+        self.images = images
+        self.indices = list(range(len(images))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.images[self.indices[index]]
+
+
+class CIFAR10DataModule(ImageDataModule):
+    """Batches {'x': (B, 3, 32, 32)}; val_size images of the 50,000 training images (fixed by split_seed)
+    are held out for validation, test is the official 10,000-image test batch."""
 
     def __init__(
         self,
@@ -50,88 +82,55 @@ class CIFAR10DataModule(pl.LightningDataModule):
         num_workers: int = 4,
         pin_memory: bool = True,
         persistent_workers: bool = True,
+        inception_weights: str | None = None,
     ):
-        super().__init__()
-        self.root = Path(root)
-        self.download = download
-        self.batch_size = batch_size
+        super().__init__(root, download, batch_size, random_flip, num_workers, pin_memory, persistent_workers)
+        self.inception_weights = inception_weights
         self.val_size = val_size
         self.split_seed = split_seed
-        self.random_flip = random_flip
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
         self.data_shape = (3, 32, 32)
-        self.cond_dim = None
-        self._train = self._val = self._test = None
+        self.fid_name = "cifar10_32"
+        self._official: dict[str, torch.Tensor] = {}
 
-    def _transform(self, train: bool):
-        from torchvision import transforms as T
-
-        ops = [T.RandomHorizontalFlip()] if (train and self.random_flip) else []
-        return T.Compose(ops + [T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
-
-    def _dataset(self, train: bool, transform):
-        from torchvision.datasets import CIFAR10
-
-        folder = self.root / "cifar-10-batches-py"
-        if not self.download and not all((folder / f).exists() for f in CIFAR10_FILES):
-            raise missing_cifar10_error(self.root)
-        try:
-            return CIFAR10(str(self.root), train=train, transform=transform, download=self.download)
-        except RuntimeError as err:  # torchvision's integrity check failed or the download did
-            raise missing_cifar10_error(self.root) from err
+    def _missing(self) -> list[str]:
+        return [name for name in TRAIN_FILES + TEST_FILES if not (self.root / FOLDER / name).is_file()]
 
     def prepare_data(self) -> None:
-        if self.download:
-            self._dataset(True, None)
-            self._dataset(False, None)
+        """Downloads (data.download=true) only when files are missing; the Trainer runs this on one process."""
+        if not self.download or not self._missing():
+            return
+        from torchvision.datasets import CIFAR10
+
+        try:
+            CIFAR10(str(self.root), train=True, download=True)
+        except Exception as err:  # offline: URLError/OSError; a bad archive: RuntimeError
+            cause = f"The download failed ({type(err).__name__}: {err}). "
+            raise missing_cifar10_error(self.root, self._missing(), cause) from None
 
     def setup(self, stage: str | None = None) -> None:
-        if self._train is not None:
+        if self._splits:
             return
-        train_full = self._dataset(True, self._transform(train=True))
-        plain_full = self._dataset(True, self._transform(train=False))
-        if not 0 <= self.val_size < len(train_full):
-            raise ValueError(f"data.val_size must be in [0, {len(train_full)}), got {self.val_size}")
-        order = np.random.default_rng(self.split_seed).permutation(len(train_full))
-        val_idx, train_idx = order[: self.val_size].tolist(), order[self.val_size :].tolist()
-        self._train = _AsDict(Subset(train_full, train_idx))
-        self._val = _AsDict(Subset(plain_full, val_idx))
-        self._test = _AsDict(self._dataset(False, self._transform(train=False)))
+        self.prepare_data()
+        if missing := self._missing():
+            raise missing_cifar10_error(self.root, missing)
+        folder = self.root / FOLDER
+        self._official = {"train": read_cifar10_batches(folder, TRAIN_FILES), "test": read_cifar10_batches(folder, TEST_FILES)}
+        train = self._official["train"]
+        if not 0 <= self.val_size < len(train):
+            raise ValueError(f"data.val_size must be in [0, {len(train)}), got {self.val_size}")
+        order = np.random.default_rng(self.split_seed).permutation(len(train))
+        val_idx, train_idx = sorted(order[: self.val_size].tolist()), sorted(order[self.val_size :].tolist())
+        self._splits = {
+            "train": ArrayImages(train, train_idx, flip=self.random_flip),
+            "val": ArrayImages(train, val_idx),
+            "test": ArrayImages(self._official["test"]),
+        }
 
-    def _loader(self, dataset, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
+    def _fid_dataset(self, split: str) -> ImageDataset:
+        """'train': all 50,000 training images, the reference of the papers' FIDs (and independent of
+        val_size, so statistics cached under fid_name stay valid). 'val'/'test': the 10,000 test images,
+        the held-out set: the carved val split lies inside the reference, so it cannot measure a floor."""
         self.setup()
-        return self._loader(self._train, shuffle=True, drop_last=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self._val, shuffle=False, drop_last=False)
-
-    def test_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self._test, shuffle=False, drop_last=False)
-
-    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Back to [0, 1] pixels."""
-        return (x.clamp(-1, 1) + 1.0) / 2.0
-
-    def render(self, x: torch.Tensor) -> np.ndarray:
-        from callbacks.visualize import image_grid
-
-        return image_grid(self.unnormalize(x))
-
-    def make_metric(self):
-        # FID against CIFAR-10 needs Inception weights: see the evaluation issue (callbacks=fid).
-        return None
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        return ArrayImages(self._official["train" if split == "train" else "test"])

@@ -197,8 +197,11 @@ class DigitsFrechetDistance:
     def __call__(self, samples: torch.Tensor) -> float:
         return self._frechet(samples)
 
-    def floor(self) -> float:
-        """Score of the 359 real val images (never trained on) against train."""
+    def floor(self, n: int | None = None) -> float:
+        """Score of the 359 real val images (never trained on) against train.
+
+        `n` is accepted for a uniform interface and ignored: the held-out split has a fixed size.
+        """
         if self._floor is None:
             self._floor = self(_split_tensors("val", self.val_fraction, self.seed)[0])
         return self._floor

@@ -108,6 +108,11 @@ class InceptionFID:
             value = states[name].to(self.device)
             setattr(self.metric, name, value if rank == 0 else torch.zeros_like(value))
 
+    def to(self, device: str | torch.device) -> "InceptionFID":
+        self.device = torch.device(device)
+        self.metric.to(self.device)
+        return self
+
     def update(self, samples: torch.Tensor) -> None:
         for chunk in samples.split(self.batch_size):
             self.metric.update(self._to_unit(chunk).to(self.device), real=False)
@@ -122,8 +127,8 @@ class InceptionFID:
         self.update(samples)
         return self.compute()
 
-    def floor(self, num_images: int = 10_000) -> float:
-        """FID of held-out real images (the datamodule's val split) against the training statistics."""
+    def floor(self, num_images: int | None = 10_000) -> float:
+        """FID of up to `num_images` held-out real images (the val split) against the training statistics."""
         if self._floor is None:
             seen = 0
             for batch in self.datamodule.real_images_for_fid("val", num_images):

@@ -7,22 +7,7 @@ from torch import nn
 from callbacks.quality import shard_size
 from evaluation import fid as fid_module
 from evaluation.fid import INCEPTION_FILE, InceptionFID, find_inception_weights, inception_feature_extractor
-
-
-class MeanColourFeatures(nn.Module):
-    """A cheap, deterministic stand-in: per-channel means and standard deviations over quadrants (24-d)."""
-
-    cache_id = "meancolour"
-    num_features = 24
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        quads = [q for half in x.chunk(2, dim=2) for q in half.chunk(2, dim=3)]
-        return torch.cat([torch.cat([q.mean((2, 3)), q.std((2, 3))], 1) for q in quads], 1)
+from tests_support_features import MeanColourFeatures
 
 
 class FakeImages:
