@@ -109,3 +109,11 @@ def test_help_lists_the_config_groups():
     for group in ("model", "data", "trainer", "callbacks", "logger", "experiment", "net"):
         assert f"{group}:" in out, group
     assert "toy2d" in out and "cifar10_ddpm" in out
+
+
+def test_slurm_launcher_config_sizes_the_job_from_the_trainer(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="optional extra: pip install -e '.[slurm]'")
+    cfg = compose_train(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2"], tmp_path)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
