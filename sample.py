@@ -27,18 +27,19 @@ def main(cfg: DictConfig) -> Path:
     kwargs = {"sampler": cfg.sampler, "steps": cfg.steps}
     if cfg.eta is not None:
         kwargs["eta"] = cfg.eta
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.ckpt_path).resolve().parent.parent / "samples" / f"{sampler}_{module.nfe(cfg.sampler, cfg.steps)}nfe"
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.perf_counter()
     x = module.sample_many(cfg.num_samples, cfg.batch_size, generator, progress=cfg.progress, **kwargs)
     seconds = time.perf_counter() - start
+    nfe = module.nfe(cfg.sampler, cfg.steps)  # after sampling: adaptive ODE solvers know their NFE only then
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.ckpt_path).resolve().parent.parent / "samples" / f"{sampler}_{nfe}nfe"
 
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         out_dir / "samples.npz",
         samples=datamodule.unnormalize(x).numpy(),
-        sampler=str(sampler), steps=int(steps or 0), nfe=module.nfe(cfg.sampler, cfg.steps), global_step=int(ckpt.get("global_step", -1)),
+        sampler=str(sampler), steps=int(steps or 0), nfe=nfe, global_step=int(ckpt.get("global_step", -1)),
     )
     shown = x[:256] if datamodule.data_kind == "image" else x
     png = save_png(datamodule.render(shown), out_dir / "samples.png")

@@ -37,6 +37,7 @@ class ArrayDataModule(pl.LightningDataModule):
     """Subclasses set data_shape, cond_dim, data_kind and implement load_split(split) -> Tensor or dict."""
 
     data_kind = "image"  # 'image' | 'points' | 'trajectory': how samples are rendered
+    num_levels: int | None = None  # discrete intensity levels (dequantisation for bits/dim); None: continuous data
 
     def __init__(self, batch_size: int = 128, num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False):
         super().__init__()

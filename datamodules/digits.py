@@ -37,6 +37,7 @@ class DigitsDataModule(ArrayDataModule):
     """8x8 grayscale digits scaled to [-1, 1]; batches are {'x': (B, 1, 8, 8)}."""
 
     data_kind = "image"
+    num_levels = 17  # pixel values 0..16
 
     def __init__(
         self,

@@ -44,6 +44,7 @@ class ImageDataModule(pl.LightningDataModule):
     """
 
     data_kind = "image"
+    num_levels = 256  # 8-bit pixels
 
     def __init__(
         self,
