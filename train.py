@@ -40,6 +40,19 @@ def _flat(cfg: dict, prefix: str = "") -> dict:
     return out
 
 
+def apply_speed_settings(cfg: DictConfig, model, trainer: pl.Trainer) -> None:
+    """TF32, channels_last and torch.compile: each changes results only within rounding."""
+    torch.set_float32_matmul_precision(cfg.speed.matmul_precision)
+    torch.backends.cudnn.allow_tf32 = cfg.speed.matmul_precision != "highest"
+    on_gpu = trainer.strategy.root_device.type == "cuda"
+    image_net = len(model.data_shape) == 3
+    channels_last = (on_gpu and image_net) if cfg.speed.channels_last == "auto" else bool(cfg.speed.channels_last)
+    if channels_last and image_net:
+        model.net.to(memory_format=torch.channels_last)
+    if cfg.speed.compile:
+        model.net.compile()  # in place: parameter names, checkpoints and EMA stay those of the plain net
+
+
 def final_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Trainer, out_dir: Path) -> dict:
     """Samples from the final EMA weights: PNG, .npz in data space and the quality figure in metrics.json."""
     module.eval()
@@ -90,6 +103,7 @@ def main(cfg: DictConfig) -> dict | None:
 
     out_dir = Path(cfg.paths.output_dir)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")) or False)
+    apply_speed_settings(cfg, model, trainer)
     for logger in trainer.loggers:
         logger.log_hyperparams({**_flat(model.run_config), "net.num_params": n_params})
 

@@ -117,3 +117,25 @@ def test_slurm_launcher_config_sizes_the_job_from_the_trainer(tmp_path):
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
+
+
+def test_speed_settings_apply_channels_last_and_compile_without_renaming_parameters(tmp_path):
+    from types import SimpleNamespace
+
+    from train import apply_speed_settings
+
+    cfg = compose_train(["net.ch=16", "speed.channels_last=true", "speed.compile=true"], tmp_path)
+    _, module = build(cfg)
+    names = list(module.state_dict())
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    apply_speed_settings(cfg, module, trainer)
+    conv = next(m for m in module.net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert module.net._compiled_call_impl is not None and list(module.state_dict()) == names
+    torch.set_float32_matmul_precision("highest")
+    auto = compose_train(["net.ch=16"], tmp_path)
+    _, plain = build(auto)
+    apply_speed_settings(auto, plain, trainer)  # auto: channels_last only on a GPU
+    conv = next(m for m in plain.net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.in_channels > 1)
+    assert not conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.set_float32_matmul_precision("highest")
