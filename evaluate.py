@@ -79,8 +79,12 @@ def make_metric(name: str, datamodule, cfg: DictConfig, device: str):
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
 def main(cfg: DictConfig) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if cfg.metric == "policy":
+        return evaluate_policy_checkpoint(cfg, device)
     module, ckpt = load_module(cfg.ckpt_path, map_location=device)
     datamodule = instantiate_datamodule(module.run_config)
+    if hasattr(datamodule, "make_env") and cfg.metric == "auto":
+        return evaluate_policy_checkpoint(cfg, device)
     if cfg.metric == "bpd":
         result = {"checkpoint": str(cfg.ckpt_path), "global_step": int(ckpt.get("global_step", -1)),
                   **evaluate_bpd(module, datamodule, cfg, device), "device": device}
@@ -112,6 +116,25 @@ def main(cfg: DictConfig) -> dict:
     }
     result["nfe"] = module.nfe(cfg.sampler, cfg.steps)  # adaptive samplers know their NFE only afterwards
     return write_result(cfg, result)
+
+
+def evaluate_policy_checkpoint(cfg: DictConfig, device: str) -> dict:
+    """Closed-loop episodes: mean max-reward, success rate, length, NFE and latency per action chunk."""
+    from envs.policy import load_policy
+    from envs.runner import evaluate_policy
+
+    policy, datamodule = load_policy(cfg.ckpt_path, cfg.sampler, cfg.steps, cfg.n_action_steps, device, cfg.seed)
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"policy_{policy.nfe}nfe.json"
+    video_dir = out.parent / f"{out.stem}_videos" if cfg.render else None
+    result = evaluate_policy(policy, datamodule, cfg.num_episodes, cfg.first_seed, cfg.max_steps,
+                             render_episodes=cfg.num_episodes if cfg.render else 0, video_dir=video_dir, progress=cfg.progress)
+    result = {"checkpoint": str(cfg.ckpt_path), "global_step": policy.global_step, "metric": "policy", "device": device, **result}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"policy: mean max-reward {result['mean_max_reward']:.4f}, success rate {result['success_rate']:.3f}, "
+          f"mean length {result['mean_length']:.1f} over {result['num_episodes']} episodes (seeds {result['seeds'][0]}..{result['seeds'][1]}); "
+          f"{result['sampler']} with {result['nfe']} NFE, {result['latency_per_chunk_s'] * 1000:.1f} ms per chunk on {device} -> {out}")
+    return result
 
 
 def write_result(cfg: DictConfig, result: dict) -> dict:

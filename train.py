@@ -53,8 +53,28 @@ def apply_speed_settings(cfg: DictConfig, model, trainer: pl.Trainer) -> None:
         model.net.compile()  # in place: parameter names, checkpoints and EMA stay those of the plain net
 
 
+def final_policy_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Trainer, out_dir: Path) -> dict:
+    """Closed-loop episodes of the final EMA policy: the paper's scores in metrics.json, one episode as a GIF."""
+    from envs.policy import Policy
+    from envs.runner import evaluate_policy
+
+    module = module.to(trainer.strategy.root_device).eval()
+    policy = Policy.from_datamodule(module, datamodule, sampler=cfg.final_eval.sampler, steps=cfg.final_eval.steps, seed=cfg.final_eval.seed)
+    result = evaluate_policy(policy, datamodule, cfg.final_eval.num_episodes, cfg.final_eval.seed, render_episodes=1, video_dir=out_dir)
+    result.update(global_step=trainer.global_step, metric="mean_max_reward", value=result["mean_max_reward"])
+    result["samples_png"] = result.pop("videos", ["-"])[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    for logger in trainer.loggers:
+        logger.log_metrics({"final/mean_max_reward": result["mean_max_reward"], "final/success_rate": result["success_rate"]}, step=trainer.global_step)
+        logger.finalize("success")
+    return result
+
+
 def final_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Trainer, out_dir: Path) -> dict:
     """Samples from the final EMA weights: PNG, .npz in data space and the quality figure in metrics.json."""
+    if hasattr(datamodule, "make_env"):
+        return final_policy_evaluation(cfg, module, datamodule, trainer, out_dir)
     module.eval()
     sampler, steps = cfg.final_eval.sampler, cfg.final_eval.steps
     start = time.perf_counter()
@@ -122,10 +142,15 @@ def main(cfg: DictConfig) -> dict | None:
     ckpt_cb = trainer.checkpoint_callback
     lines = [
         f"Run directory:  {out_dir}",
-        f"Checkpoints:    {ckpt_cb.last_model_path or '-'} (last), {ckpt_cb.best_model_path or '-'} (best val/loss)" if ckpt_cb else "Checkpoints:    none (no ModelCheckpoint callback)",
+        f"Checkpoints:    {ckpt_cb.last_model_path or '-'} (last), {ckpt_cb.best_model_path or '-'} (best {ckpt_cb.monitor})" if ckpt_cb else "Checkpoints:    none (no ModelCheckpoint callback)",
         f"Samples:        {result['samples_png']} ({result['sampler']}, {result['nfe']} NFE)",
     ]
-    if "value" in result:
+    if "success_rate" in result:
+        lines[-1] = f"Rollout GIF:    {result['samples_png']} ({result['sampler']}, {result['nfe']} NFE per chunk)"
+        lines.append(f"Policy:         mean max-reward {result['mean_max_reward']:.3f}, success {result['success_rate']:.2f} "
+                     f"over {result['num_episodes']} episodes (seeds {result['seeds'][0]}..{result['seeds'][1]}), "
+                     f"{result['latency_per_chunk_s'] * 1000:.1f} ms per chunk")
+    elif "value" in result:
         lines.append(f"Quality:        {result['metric']} = {result['value']:.4g} (floor {result['floor']:.4g}, {result['num_samples']} samples)")
     lines += [f"Metrics:        {out_dir / 'final' / 'metrics.json'}", f"TensorBoard:    tensorboard --logdir {out_dir}"]
     print("\n" + "\n".join(lines))

@@ -53,3 +53,36 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path)
     return path
+
+
+def gif_bytes(frames: list[np.ndarray], fps: int = 10) -> bytes:
+    """An animated GIF of (H, W, 3) uint8 frames (PIL only: no video codec needed)."""
+    import io
+
+    from PIL import Image
+
+    if not frames:
+        raise ValueError("no frames to encode")
+    images = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return buffer.getvalue()
+
+
+def save_gif(frames: list[np.ndarray], path: str | Path, fps: int = 10) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.gif")
+    tmp.write_bytes(gif_bytes(frames, fps))
+    tmp.replace(path)
+    return path
+
+
+def log_gif(experiment, tag: str, frames: list[np.ndarray], step: int, fps: int = 10) -> None:
+    """A rollout video in TensorBoard's image tab: an encoded GIF summary, which is what add_video writes,
+    without add_video's moviepy dependency."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    h, w = np.asarray(frames[0]).shape[:2]
+    image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=gif_bytes(frames, fps))
+    experiment._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)

@@ -1,0 +1,66 @@
+"""Closed-loop rollouts of the EMA policy during training: mean max-reward, success rate and a GIF in TensorBoard.
+
+Episodes are split over DDP ranks (distinct seeds, each episode run once) and the
+scores are reduced over all of them. `rollout/mean_max_reward` is logged through
+the module, so ModelCheckpoint can keep the best policy by closed-loop score
+(validation loss stops tracking it, as Diffusion Policy reports).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from callbacks.ema import ema_weights
+from callbacks.quality import shard_size
+from callbacks.visualize import log_gif, save_gif
+
+
+class PolicyRollout(pl.Callback):
+    def __init__(self, num_episodes: int = 10, every_n_val: int = 1, seed: int = 0, max_steps: int | None = None,
+                 sampler: str | None = None, steps: int | None = None, render_episodes: int = 1, render_size: int = 96):
+        self.num_episodes = num_episodes
+        self.every_n_val = every_n_val
+        self.seed = seed
+        self.max_steps = max_steps
+        self.sampler, self.steps = sampler, steps
+        self.render_episodes = render_episodes
+        self.render_size = render_size
+        self._val_count = 0
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not hasattr(trainer.datamodule, "make_env"):
+            return
+        self._val_count += 1
+        if self._val_count % self.every_n_val != 0:
+            return
+        from envs.policy import Policy
+        from envs.runner import run_episodes
+
+        rank, world = trainer.global_rank, trainer.world_size
+        first = sum(shard_size(self.num_episodes, world, r) for r in range(rank))
+        seeds = [self.seed + first + i for i in range(shard_size(self.num_episodes, world, rank))]
+        datamodule = trainer.datamodule
+        render = self.render_episodes if trainer.is_global_zero else 0
+        with ema_weights(trainer, pl_module):
+            policy = Policy.from_datamodule(pl_module, datamodule, sampler=self.sampler, steps=self.steps, seed=self.seed + rank)
+            results = run_episodes(policy, lambda: datamodule.make_env(self.render_size), seeds, self.max_steps, render)
+        totals = torch.tensor(
+            [sum(r["max_reward"] for r in results), sum(r["success"] for r in results), sum(r["length"] for r in results)],
+            dtype=torch.float64, device=pl_module.device,
+        )
+        totals = trainer.strategy.reduce(totals, reduce_op="sum") if world > 1 else totals
+        n = float(self.num_episodes)
+        pl_module.log_dict(
+            {"rollout/mean_max_reward": totals[0].item() / n, "rollout/success_rate": totals[1].item() / n,
+             "rollout/mean_length": totals[2].item() / n},
+            sync_dist=False, rank_zero_only=False,
+        )
+        if trainer.is_global_zero and results and results[0]["frames"]:
+            frames = results[0]["frames"]
+            save_gif(frames, Path(trainer.default_root_dir) / "rollouts" / f"step_{trainer.global_step:07d}.gif")
+            for logger in trainer.loggers:
+                if hasattr(getattr(logger, "experiment", None), "_get_file_writer"):
+                    log_gif(logger.experiment, "rollout/episode", frames, trainer.global_step)

@@ -1,0 +1,130 @@
+"""Demonstrations as (observation history -> action chunk) pairs, for diffusion policies and their baselines.
+
+A batch is {'x': normalized action chunk (B, horizon, action_dim), 'cond':
+normalized observation history (B, n_obs_steps * obs_dim)}: every method models
+x given cond through the same contract as images. The normalizers, observation
+keys and horizons are this datamodule's `state_dict`, which Lightning writes
+into every checkpoint, so a checkpoint alone can act (`envs.policy.load_policy`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from datamodules.base import ArrayDataModule
+from datamodules.normalizer import MinMaxNormalizer
+from datamodules.replay_buffer import ReplayBuffer, split_episodes, window_indices
+
+
+class TrajectoryDataModule(ArrayDataModule):
+    """Subclasses set `env_obs_dims` (what the environment can observe) and implement
+    `load_buffer()` and `make_env()`; `observation(buffer, key)` maps a key to (N, dim) rows."""
+
+    data_kind = "trajectory"
+    env_obs_dims: dict[str, int] = {}
+    action_dim: int = 2
+
+    def __init__(
+        self,
+        obs_keys: list[str],
+        n_obs_steps: int = 2,
+        horizon: int = 16,
+        n_action_steps: int = 8,
+        val_fraction: float = 0.05,
+        split_seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+    ):
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers)
+        self.obs_keys = list(obs_keys)
+        unknown = [k for k in self.obs_keys if k not in self.env_obs_dims]
+        if not self.obs_keys or unknown:
+            raise ValueError(f"data.obs_keys={self.obs_keys}: unknown {unknown}; {type(self).__name__} observes {self.env_obs_dims}")
+        if not 1 <= n_obs_steps <= horizon or not 1 <= n_action_steps <= horizon - n_obs_steps + 1:
+            raise ValueError(
+                f"need 1 <= n_obs_steps ({n_obs_steps}) <= horizon ({horizon}) and the executed actions "
+                f"n_action_steps ({n_action_steps}) to fit in the chunk after the current step (<= {horizon - n_obs_steps + 1})"
+            )
+        self.n_obs_steps, self.horizon, self.n_action_steps = n_obs_steps, horizon, n_action_steps
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.obs_dim = sum(self.env_obs_dims[k] for k in self.obs_keys)
+        self.data_shape = (horizon, self.action_dim)
+        self.cond_dim = n_obs_steps * self.obs_dim
+        self.obs_normalizer: MinMaxNormalizer | None = None
+        self.action_normalizer: MinMaxNormalizer | None = None
+        self._buffer: ReplayBuffer | None = None
+        self._episodes: dict[str, np.ndarray] = {}
+
+    # --- what a task provides -----------------------------------------------------------------
+    def load_buffer(self) -> ReplayBuffer:
+        raise NotImplementedError
+
+    def make_env(self, render_size: int = 96):
+        raise NotImplementedError
+
+    def observation(self, buffer: ReplayBuffer, key: str) -> np.ndarray:
+        return buffer.data[key].reshape(buffer.num_steps, -1)
+
+    # --- windows ------------------------------------------------------------------------------
+    def buffer(self) -> ReplayBuffer:
+        if self._buffer is None:
+            self._buffer = self.load_buffer()
+            train, val = split_episodes(self._buffer.num_episodes, self.val_fraction, self.split_seed)
+            self._episodes = {"train": train, "val": val}
+        return self._buffer
+
+    def _rows(self, buffer: ReplayBuffer) -> tuple[np.ndarray, np.ndarray]:
+        obs = np.concatenate([self.observation(buffer, k).astype(np.float32) for k in self.obs_keys], axis=1)
+        if obs.shape[1] != self.obs_dim:
+            raise ValueError(f"observations {self.obs_keys} have {obs.shape[1]} dims in the data, the environment gives {self.obs_dim}")
+        action = buffer.data["action"].reshape(buffer.num_steps, -1).astype(np.float32)
+        return obs, action
+
+    def fit_normalizers(self) -> None:
+        buffer = self.buffer()
+        obs, action = self._rows(buffer)
+        train_rows = np.concatenate([np.arange(s, e) for s, e in zip(buffer.episode_starts[self._episodes["train"]], buffer.episode_ends[self._episodes["train"]])])
+        self.obs_normalizer = MinMaxNormalizer.fit(obs[train_rows])
+        self.action_normalizer = MinMaxNormalizer.fit(action[train_rows])
+
+    def load_split(self, split: str) -> dict[str, torch.Tensor]:
+        buffer = self.buffer()
+        if self.obs_normalizer is None:
+            self.fit_normalizers()
+        obs, action = self._rows(buffer)
+        # Pad so the first window's history starts at the first step and the last chunk may run past the end.
+        idx = window_indices(buffer.episode_ends, self._episodes[split], self.horizon, self.n_obs_steps - 1, self.n_action_steps - 1)
+        x = self.action_normalizer.normalize(torch.from_numpy(action[idx]))
+        cond = self.obs_normalizer.normalize(torch.from_numpy(obs[idx[:, : self.n_obs_steps]])).reshape(len(idx), -1)
+        return {"x": x.contiguous(), "cond": cond.contiguous()}
+
+    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return self.action_normalizer.unnormalize(x)
+
+    def make_metric(self):
+        return None  # policies are scored closed-loop: callbacks.rollout and `evaluate.py metric=policy`
+
+    # --- checkpoint: everything a policy needs to act without the data ------------------------
+    def state_dict(self) -> dict:
+        if self.obs_normalizer is None:
+            self.fit_normalizers()
+        return {
+            "obs_normalizer": self.obs_normalizer.state_dict(),
+            "action_normalizer": self.action_normalizer.state_dict(),
+            "obs_keys": list(self.obs_keys),
+            "n_obs_steps": self.n_obs_steps,
+            "horizon": self.horizon,
+            "n_action_steps": self.n_action_steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["obs_keys"]) != self.obs_keys or state["horizon"] != self.horizon or state["n_obs_steps"] != self.n_obs_steps:
+            raise ValueError(
+                f"checkpoint policy has obs_keys={list(state['obs_keys'])}, horizon={state['horizon']}, n_obs_steps={state['n_obs_steps']}; "
+                f"this run has obs_keys={self.obs_keys}, horizon={self.horizon}, n_obs_steps={self.n_obs_steps}: use the same data.* settings"
+            )
+        self.obs_normalizer = MinMaxNormalizer.from_state_dict(state["obs_normalizer"])
+        self.action_normalizer = MinMaxNormalizer.from_state_dict(state["action_normalizer"])

@@ -1,0 +1,1 @@
+"""Simulation environments that policies are evaluated in."""

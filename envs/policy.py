@@ -1,0 +1,110 @@
+"""Any trained method as a policy: observation history in, a chunk of actions out (receding horizon).
+
+The wrapper owns what is policy-specific (normalizers, observation keys,
+horizons); the method only sees `sample(n, cond=normalized history)`, so every
+method is a policy through this one path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from datamodules.normalizer import MinMaxNormalizer
+
+
+class Policy:
+    def __init__(
+        self,
+        module,
+        obs_normalizer: MinMaxNormalizer,
+        action_normalizer: MinMaxNormalizer,
+        obs_keys: list[str],
+        obs_dims: dict[str, int],
+        n_obs_steps: int,
+        horizon: int,
+        n_action_steps: int,
+        sampler: str | None = None,
+        steps: int | None = None,
+        seed: int = 0,
+    ):
+        self.module = module.eval()
+        self.obs_normalizer, self.action_normalizer = obs_normalizer, action_normalizer
+        self.obs_keys = list(obs_keys)
+        self.obs_dims = {k: int(obs_dims[k]) for k in self.obs_keys}
+        self.n_obs_steps, self.horizon, self.n_action_steps = n_obs_steps, horizon, n_action_steps
+        self.sampler, self.steps = sampler, steps
+        self.generator = torch.Generator(device=module.device).manual_seed(seed)
+
+    @classmethod
+    def from_datamodule(cls, module, datamodule, n_action_steps: int | None = None, **kwargs) -> "Policy":
+        if datamodule.obs_normalizer is None:
+            raise ValueError("the datamodule has no fitted normalizer: call datamodule.setup() or load it from a checkpoint")
+        return cls(
+            module, datamodule.obs_normalizer, datamodule.action_normalizer, datamodule.obs_keys, datamodule.env_obs_dims,
+            datamodule.n_obs_steps, datamodule.horizon, n_action_steps or datamodule.n_action_steps, **kwargs,
+        )
+
+    @property
+    def nfe(self) -> int:
+        return self.module.nfe(self.sampler, self.steps)
+
+    def check_env(self, env) -> None:
+        """Refuse an environment whose observations are not the ones this policy was trained on."""
+        have = getattr(env, "obs_dims", {})
+        wrong = {k: d for k, d in self.obs_dims.items() if have.get(k) != d}
+        if wrong:
+            raise ValueError(
+                f"the policy observes {self.obs_dims} but {type(env).__name__} gives {have}: "
+                "this checkpoint was trained on another task or with other data.obs_keys"
+            )
+
+    def stack(self, history: list[dict]) -> np.ndarray:
+        """(n_obs_steps, obs_dim) from the last n_obs_steps observation dicts, keys in training order."""
+        if len(history) < self.n_obs_steps:
+            raise ValueError(f"need the last {self.n_obs_steps} observations, got {len(history)} (repeat the first one at an episode start)")
+        missing = [k for k in self.obs_keys if k not in history[-1]]
+        if missing:
+            raise KeyError(f"observation lacks {missing}; the policy observes {self.obs_keys}, the observation has {sorted(history[-1])}")
+        return np.stack([np.concatenate([np.asarray(o[k], dtype=np.float32).ravel() for k in self.obs_keys]) for o in history[-self.n_obs_steps :]])
+
+    @torch.no_grad()
+    def act(self, obs_history) -> np.ndarray:
+        """Actions to execute now: (n_action_steps, action_dim), or (B, n_action_steps, action_dim) for a batch.
+
+        obs_history: a list of observation dicts (oldest first), an array
+        (n_obs_steps, obs_dim), or a batch (B, n_obs_steps, obs_dim), raw units.
+        """
+        if isinstance(obs_history, (list, tuple)) and obs_history and isinstance(obs_history[0], dict):
+            obs_history = self.stack(list(obs_history))
+        obs = np.asarray(obs_history, dtype=np.float32)
+        single = obs.ndim == 2
+        obs = obs[None] if single else obs
+        if obs.shape[1:] != (self.n_obs_steps, sum(self.obs_dims.values())):
+            raise ValueError(f"observation history must be (B, {self.n_obs_steps}, {sum(self.obs_dims.values())}), got {obs.shape}")
+        device = self.module.device
+        cond = self.obs_normalizer.normalize(torch.from_numpy(obs)).reshape(obs.shape[0], -1).to(device)
+        chunk = self.module.sample(obs.shape[0], cond=cond, sampler=self.sampler, steps=self.steps, generator=self.generator)
+        actions = self.action_normalizer.unnormalize(chunk.float().cpu()).numpy()
+        # The chunk is aligned with the history: index n_obs_steps - 1 is the action for the current step.
+        start = self.n_obs_steps - 1
+        actions = actions[:, start : start + self.n_action_steps]
+        return actions[0] if single else actions
+
+
+def load_policy(path, sampler: str | None = None, steps: int | None = None, n_action_steps: int | None = None,
+                device: str = "cpu", seed: int = 0) -> tuple[Policy, object]:
+    """A checkpoint alone acts: (policy, datamodule); `datamodule.make_env()` builds its environment."""
+    from lightning_modules.checkpoint import instantiate_datamodule, load_module
+
+    module, ckpt = load_module(path, map_location=device)
+    datamodule = instantiate_datamodule(module.run_config)
+    if not hasattr(datamodule, "make_env"):
+        raise ValueError(f"{path} was trained on {type(datamodule).__name__}, not on demonstrations: it is not a policy")
+    state = ckpt.get(type(datamodule).__qualname__)
+    if state is None:
+        raise ValueError(f"{path} has no normalizer ({type(datamodule).__qualname__} entry): it was not saved by train.py on trajectory data")
+    datamodule.load_state_dict(state)
+    policy = Policy.from_datamodule(module, datamodule, n_action_steps=n_action_steps, sampler=sampler, steps=steps, seed=seed)
+    policy.global_step = int(ckpt.get("global_step", -1))
+    return policy, datamodule

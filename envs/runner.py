@@ -1,0 +1,122 @@
+"""Closed-loop evaluation: N seeded episodes, receding horizon, the paper's scores.
+
+All episodes step in lockstep so the policy samples one batch of action chunks
+for every running episode at once (one network call per denoising step, not
+one per episode). Used by the rollout callback, `train.py`'s final evaluation
+and `evaluate.py metric=policy`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+SUCCESS_NOTE = "success: the environment's own criterion (Push-T: coverage > 0.95; obstacle2d: goal reached)"
+
+
+def run_episodes(policy, make_env: Callable, seeds: list[int], max_steps: int | None = None, render_episodes: int = 0,
+                 progress: bool = False) -> list[dict]:
+    """One dict per seed: max_reward, success, length, frames (first `render_episodes` episodes) and route if the env reports one."""
+    envs = [make_env() for _ in seeds]
+    policy.check_env(envs[0])
+    max_steps = max_steps or envs[0].max_steps
+    n = len(seeds)
+    histories, results = [], []
+    for env, seed in zip(envs, seeds):
+        obs = env.reset(seed=int(seed))
+        # At an episode start the history is the first observation repeated, as in training's edge padding.
+        histories.append(deque([obs] * policy.n_obs_steps, maxlen=policy.n_obs_steps))
+        results.append({"seed": int(seed), "max_reward": 0.0, "success": False, "length": 0, "done": False, "frames": []})
+    for i in range(min(render_episodes, n)):
+        results[i]["frames"].append(envs[i].render())
+
+    with tqdm(total=n * max_steps, disable=not progress, desc="rollouts", unit="step") as bar:
+        while True:
+            active = [i for i in range(n) if not results[i]["done"] and results[i]["length"] < max_steps]
+            if not active:
+                break
+            chunks = policy.act(np.stack([policy.stack(list(histories[i])) for i in active]))
+            for k in range(chunks.shape[1]):
+                for j, i in enumerate(active):
+                    r = results[i]
+                    if r["done"] or r["length"] >= max_steps:
+                        continue
+                    obs, reward, done, info = envs[i].step(chunks[j, k])
+                    histories[i].append(obs)
+                    r["length"] += 1
+                    r["max_reward"] = max(r["max_reward"], float(reward))
+                    r["success"] = r["success"] or bool(info.get("is_success", False))
+                    r["done"] = bool(done)
+                    if "route" in info:
+                        r["route"] = int(info["route"])
+                    if i < render_episodes:
+                        r["frames"].append(envs[i].render())
+                    bar.update(1)
+            # Episodes that ended early free their remaining budget in the bar.
+            bar.total = sum(r["length"] if r["done"] else max_steps for r in results)
+    for env in envs:
+        env.close()
+    for r in results:
+        del r["done"]
+    return results
+
+
+def summarize(results: list[dict]) -> dict:
+    """The paper's scores: mean max-reward ('coverage' on Push-T), success rate, mean episode length."""
+    out = {
+        "num_episodes": len(results),
+        "mean_max_reward": float(np.mean([r["max_reward"] for r in results])),
+        "success_rate": float(np.mean([r["success"] for r in results])),
+        "mean_length": float(np.mean([r["length"] for r in results])),
+    }
+    routes = [r["route"] for r in results if "route" in r]
+    if routes:
+        successful = [r["route"] for r in results if r.get("success") and "route" in r]
+        out["route_left"] = float(np.mean([x == -1 for x in successful])) if successful else 0.0
+        out["route_right"] = float(np.mean([x == 1 for x in successful])) if successful else 0.0
+    return out
+
+
+def chunk_latency(policy, make_env: Callable, seed: int = 0, repeats: int = 10) -> float:
+    """Median seconds for one action chunk at batch 1 (what a robot waits for), after one warm-up call."""
+    env = make_env()
+    obs = env.reset(seed=seed)
+    env.close()
+    history = [obs] * policy.n_obs_steps
+    policy.act(history)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        policy.act(history)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def evaluate_policy(policy, datamodule, num_episodes: int, seed: int, max_steps: int | None = None, render_episodes: int = 0,
+                    video_dir=None, progress: bool = False) -> dict:
+    """The paper's protocol (seeds seed..seed+num_episodes-1, receding horizon) plus NFE, sampler and latency per chunk."""
+    from callbacks.visualize import save_gif
+
+    make_env = lambda: datamodule.make_env()  # noqa: E731
+    start = time.perf_counter()
+    results = run_episodes(policy, make_env, list(range(seed, seed + num_episodes)), max_steps, render_episodes, progress)
+    seconds = time.perf_counter() - start
+    out = {
+        **summarize(results),
+        "seeds": [seed, seed + num_episodes - 1],
+        "max_steps": max_steps or datamodule.make_env().max_steps,
+        "sampler": policy.sampler or getattr(policy.module, "sampler", None),
+        "steps": policy.steps or getattr(policy.module, "sample_steps", None),
+        "nfe": policy.nfe,
+        "n_action_steps": policy.n_action_steps,
+        "latency_per_chunk_s": round(chunk_latency(policy, make_env, seed), 5),
+        "rollout_seconds": round(seconds, 1),
+        "per_episode": [{k: v for k, v in r.items() if k != "frames"} for r in results],
+    }
+    if video_dir is not None:
+        out["videos"] = [str(save_gif(r["frames"], f"{video_dir}/episode_{r['seed']}.gif")) for r in results if r["frames"]]
+    return out

@@ -1,0 +1,43 @@
+"""Behaviour cloning by regression: the action chunk straight from the observation history, MSE loss.
+
+The baseline diffusion policies are measured against (same data, same net):
+with demonstrations that go either way around an obstacle, the MSE-optimal
+prediction is the average of the two ways, which goes through the obstacle.
+The net is called as every denoiser is, with a zero input and noise level 0,
+so any registered net serves.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.base import DiffusionModule
+
+
+class BCMSE(DiffusionModule):
+    sampler = "direct"
+    sample_steps = 1
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.cond_dim is None:
+            raise ValueError("model=bc_mse regresses actions from observations: it needs demonstration data (data=obstacle2d or data=pusht)")
+
+    def predict(self, cond: torch.Tensor, num_samples: int) -> torch.Tensor:
+        x = torch.zeros((num_samples, *self.data_shape), device=self.device)
+        out = self.net(x, torch.zeros(num_samples, device=self.device), cond)
+        return out.clamp(-1.0, 1.0) if self.clip_denoised else out
+
+    def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        cond = self.check_cond(batch.get("cond"), batch["x"].shape[0])
+        return F.mse_loss(self.predict(cond, batch["x"].shape[0]), batch["x"])
+
+    def nfe(self, sampler: str | None = None, steps: int | None = None) -> int:
+        return 1
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, cond=None, sampler=None, steps=None, generator=None, **kwargs) -> torch.Tensor:
+        if sampler not in (None, "direct"):
+            raise ValueError(f"bc_mse predicts directly (sampler=direct); got sampler={sampler!r}")
+        return self.predict(self.check_cond(cond, num_samples), num_samples)
