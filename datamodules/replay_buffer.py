@@ -78,10 +78,11 @@ class ReplayBuffer:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
-            for key, value in self.data.items():
-                root.create_array(f"data/{key}", data=np.ascontiguousarray(value))
-            root.create_array("meta/episode_ends", data=self.episode_ends)
+            zarr3 = hasattr(zarr, "create_array")
+            root = zarr.open_group(str(tmp), mode="w", **({"zarr_format": 2} if zarr3 else {}))
+            arrays = {f"data/{k}": np.ascontiguousarray(v) for k, v in self.data.items()} | {"meta/episode_ends": self.episode_ends}
+            for name, value in arrays.items():
+                root.create_array(name, data=value) if zarr3 else root.array(name, value)
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
