@@ -17,7 +17,7 @@ from envs.runner import run_episodes, summarize
 from lightning_modules.checkpoint import build_model
 from conftest import CONFIG_DIR, run_cli
 
-METHODS = ["ddpm", "ncsn", "vesde", "vpsde", "subvpsde", "bc_mse"]
+METHODS = ["ddpm", "ncsn", "vesde", "vpsde", "subvpsde", "edm", "bc_mse"]
 PUSHT_ZARR = os.environ.get("PUSHT_ZARR")
 needs_pusht = pytest.mark.skipif(not PUSHT_ZARR or not Path(PUSHT_ZARR).exists(), reason="set PUSHT_ZARR to pusht_cchi_v7_replay.zarr")
 
@@ -47,7 +47,7 @@ def test_every_method_trains_on_trajectories_and_acts(method, tmp_path):
                          enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3
-    steps = {"bc_mse": None, "ddpm": 3, "ncsn": 3}.get(method, 30)  # reverse-diffusion on VP needs beta_max * dt < 1
+    steps = {"bc_mse": None, "ddpm": 3, "ncsn": 3, "edm": 3}.get(method, 30)  # reverse-diffusion on VP needs beta_max * dt < 1
     policy = Policy.from_datamodule(module, datamodule, steps=steps)
     env = Obstacle2DEnv()
     obs = env.reset(seed=0)
