@@ -17,7 +17,9 @@ from envs.runner import run_episodes, summarize
 from lightning_modules.checkpoint import build_model
 from conftest import CONFIG_DIR, run_cli
 
-METHODS = ["ddpm", "ncsn", "vesde", "vpsde", "subvpsde", "edm", "bc_mse"]
+# Every registered method (configs/model/*.yaml), so a new method is a policy or this test fails.
+METHODS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+METHOD_OVERRIDES = {"consistency": ["model.mode=train"]}  # distillation needs a teacher checkpoint
 PUSHT_ZARR = os.environ.get("PUSHT_ZARR")
 needs_pusht = pytest.mark.skipif(not PUSHT_ZARR or not Path(PUSHT_ZARR).exists(), reason="set PUSHT_ZARR to pusht_cchi_v7_replay.zarr")
 
@@ -32,7 +34,8 @@ def compose_policy(overrides, tmp_path):
 
 
 def tiny_obstacle(method, tmp_path):
-    cfg = compose_policy([f"model={method}", "data=obstacle2d", "data.num_episodes=20", "data.batch_size=32"], tmp_path)
+    overrides = [f"model={method}", *METHOD_OVERRIDES.get(method, []), "data=obstacle2d", "data.num_episodes=20", "data.batch_size=32"]
+    cfg = compose_policy(overrides, tmp_path)
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     module = build_model(cfg, datamodule.data_shape, datamodule.cond_dim)
@@ -47,7 +50,7 @@ def test_every_method_trains_on_trajectories_and_acts(method, tmp_path):
                          enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3
-    steps = {"bc_mse": None, "ddpm": 3, "ncsn": 3, "edm": 3}.get(method, 30)  # reverse-diffusion on VP needs beta_max * dt < 1
+    steps = {"bc_mse": None, "ddpm": 3, "ncsn": 3, "edm": 3, "consistency": 2}.get(method, 30)  # reverse-diffusion on VP needs beta_max * dt < 1
     policy = Policy.from_datamodule(module, datamodule, steps=steps)
     env = Obstacle2DEnv()
     obs = env.reset(seed=0)

@@ -1,0 +1,473 @@
+"""Consistency models: Song, Dhariwal, Chen & Sutskever 2023 (CD, CT) and Song & Dhariwal 2023 (iCT).
+
+A consistency function maps any point x_sigma of a probability-flow ODE trajectory
+to the trajectory's end at sigma_min, so one evaluation turns sigma_max-scaled
+noise into a sample. It is parametrized (as in the CM paper) as
+
+    f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)),
+    c_skip = sd^2 / ((sigma - sigma_min)^2 + sd^2),  c_out = (sigma - sigma_min) sd / sqrt(sigma^2 + sd^2),
+
+with EDM's c_in and c_noise, so f(x, sigma_min) = x holds exactly for any net:
+c_skip = 1 and c_out = 0 there. Training makes f agree on adjacent noise levels
+sigma_n < sigma_{n+1} of the same trajectory:
+
+- mode=distill (CD, Algorithm 2): x_{n+1} = x + sigma_{n+1} z, x_n from one Heun step of the
+  TEACHER's PF-ODE, loss d(f(x_{n+1}, sigma_{n+1}), f^-(x_n, sigma_n)) with lambda = 1 on a fixed
+  Karras grid of N levels; f^- is an EMA (decay mu, 0.95 by default) of the student, or the
+  student itself without gradient when mu = 0 (the paper's CIFAR-10 setting).
+- mode=train (iCT): no teacher; x_n = x + sigma_n z with the SAME z (the one-sample
+  estimate of the teacher's step), N(k) doubling from s0 to s1 over training, pairs
+  drawn with log-normal weight, lambda = 1 / (sigma_{n+1} - sigma_n), pseudo-Huber loss and a
+  stop-gradient target (mu = 0).
+
+Sampling (sampler=cm): f(sigma_max z, sigma_max), and for more steps alternate
+"re-noise to sigma_k, f again" (Algorithm 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from omegaconf import OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
+
+from lightning_modules.base import DiffusionModule
+from lightning_modules.edm import EDMPrecond, karras_sigmas
+from lightning_modules.teachers import Teacher, load_teacher
+
+MODES = ("distill", "train")
+LOSSES = ("l2", "pseudo_huber")
+SAMPLERS = ("cm",)
+HUBER_C = 0.00054  # iCT: c = 0.00054 sqrt(d)
+
+
+# --- pieces that are plain functions (tested on closed forms) -------------------------------------
+
+
+class ConsistencyPrecond(EDMPrecond):
+    """EDM's wrapper with the boundary-condition coefficients: f(x, sigma_min) = x for any net."""
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002):
+        super().__init__(net, sigma_data)
+        self.sigma_min = float(sigma_min)
+
+    def coefficients(self, sigma: torch.Tensor):
+        sd2 = self.sigma_data**2
+        # sigma and sigma_min are rounded to sigma's dtype alike, so the shift is exactly 0 at sigma_min.
+        shifted = sigma - self.sigma_min
+        total = sigma**2 + sd2
+        c_skip = sd2 / (shifted**2 + sd2)
+        c_out = shifted * self.sigma_data / total.sqrt()
+        c_in = total.rsqrt()
+        c_noise = sigma.log() / 4
+        return c_skip, c_out, c_in, c_noise
+
+
+def heun_step(denoise_fn: Callable, x: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tensor) -> torch.Tensor:
+    """One Heun step of dx/dsigma = (x - D(x; sigma)) / sigma with per-sample sigmas (B,), both > 0."""
+    shape = (-1, *([1] * (x.dim() - 1)))
+    s0, s1 = sigma_from.reshape(shape).to(x.dtype), sigma_to.reshape(shape).to(x.dtype)
+    d0 = (x - denoise_fn(x, sigma_from)) / s0
+    x_euler = x + (s1 - s0) * d0
+    d1 = (x_euler - denoise_fn(x_euler, sigma_to)) / s1
+    return x + (s1 - s0) * 0.5 * (d0 + d1)
+
+
+def pseudo_huber_c(dim: int, c0: float = HUBER_C) -> float:
+    """iCT's c = 0.00054 sqrt(d) (0.03 on CIFAR-10's d = 3072)."""
+    return c0 * math.sqrt(dim)
+
+
+def pseudo_huber(diff: torch.Tensor, c0: float = HUBER_C) -> torch.Tensor:
+    """(sqrt(||diff||^2 + c^2) - c) / sqrt(d) per sample, c = c0 sqrt(d).
+
+    Divided by sqrt(d) (= sqrt(mean(diff^2) + c0^2) - c0), so the figure reads the same for
+    2-D points and images; a constant factor changes nothing for Adam.
+    """
+    return (diff.flatten(1).pow(2).mean(1) + c0**2).sqrt() - c0
+
+
+def ict_num_scales(k: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
+    """iCT's curriculum N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2 floor(s1 / s0) + 1))."""
+    stage = max(math.floor(total_steps / (math.log2(s1 // s0) + 1)), 1)
+    return min(s0 * 2 ** (k // stage), s1) + 1
+
+
+def ict_pair_probs(sigmas: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
+    """p(i) for the pair (sigma_i, sigma_{i+1}) of an ascending grid: the log-normal mass between them, normalized."""
+    log_s = sigmas.double().log()
+    cdf = torch.special.erf((log_s - p_mean) / (math.sqrt(2) * p_std))
+    mass = cdf[1:] - cdf[:-1]
+    return mass / mass.sum()
+
+
+@torch.no_grad()
+def multistep_sample(consistency_fn: Callable, x_T: torch.Tensor, sigmas: list[float], sigma_min: float,
+                     generator: torch.Generator | None = None, clip: bool = False, progress: bool = False) -> torch.Tensor:
+    """CM paper Algorithm 1: x = f(x_T, sigmas[0]); then per level s: x = f(x + sqrt(s^2 - sigma_min^2) z, s)."""
+    clamp = (lambda v: v.clamp(-1.0, 1.0)) if clip else (lambda v: v)  # noqa: E731
+    x = clamp(consistency_fn(x_T, sigmas[0]))
+    for s in tqdm(sigmas[1:], disable=not progress, desc=f"cm-{len(sigmas)}"):
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        # f's outputs sit at sigma_min, so reaching s takes only the missing variance.
+        x = clamp(consistency_fn(x + math.sqrt(max(s**2 - sigma_min**2, 0.0)) * z, s))
+    return x
+
+
+def _has_dropout(net: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in net.modules())
+
+
+# --- the method ------------------------------------------------------------------------------------
+
+
+class ConsistencyModel(DiffusionModule):
+    """Consistency distillation (mode=distill, from a teacher checkpoint) or improved consistency training (mode=train)."""
+
+    def __init__(
+        self,
+        net,
+        optimizer,
+        scheduler=None,
+        data_shape=(),
+        cond_dim=None,
+        clip_denoised: bool = False,
+        mode: str = "distill",
+        teacher_ckpt: str | None = None,
+        warm_start: bool = True,
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        num_scales: int = 18,
+        mu: float | None = None,
+        loss: str | None = None,
+        huber_c: float = HUBER_C,
+        s0: int = 10,
+        s1: int = 1280,
+        p_mean: float = -1.1,
+        p_std: float = 2.0,
+        total_steps: int | None = None,
+        sampler: str = "cm",
+        sample_steps: int = 1,
+        cm_sigmas=None,
+    ):
+        super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised)
+        if mode not in MODES:
+            raise ValueError(f"model.mode must be one of {MODES}, got {mode!r}")
+        loss = loss or ("l2" if mode == "distill" else "pseudo_huber")
+        # CD: 0.95 (the CM paper's ImageNet-64 / LSUN value; its CIFAR-10 run used 0, but on the 2-D toys 0.95 is
+        # far more stable); iCT: 0, a stop-gradient copy (its analysis shows an EMA target biases CT).
+        mu = (0.95 if mode == "distill" else 0.0) if mu is None else mu
+        if loss == "lpips":
+            raise ValueError(
+                "model.loss=lpips is not available: LPIPS needs pretrained VGG/AlexNet weights, which this project "
+                "does not ship or download; use model.loss=l2 or model.loss=pseudo_huber"
+            )
+        if loss not in LOSSES:
+            raise ValueError(f"model.loss must be one of {LOSSES}, got {loss!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"model.sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < model.sigma_min < model.sigma_max, got {sigma_min}, {sigma_max}")
+        if not 0.0 <= mu < 1.0:
+            raise ValueError(f"model.mu (the target network's EMA decay) must be in [0, 1), got {mu}")
+        if num_scales < 2 or s0 < 1 or s1 < s0:
+            raise ValueError(f"need model.num_scales >= 2 and 1 <= model.s0 <= model.s1, got {num_scales}, {s0}, {s1}")
+        if sigma_data <= 0 or p_std <= 0 or sample_steps < 1:
+            raise ValueError(f"model.sigma_data, model.p_std and model.sample_steps must be positive, got {sigma_data}, {p_std}, {sample_steps}")
+        if mode == "train" and teacher_ckpt:
+            rank_zero_warn(f"model.mode=train trains without a teacher: model.teacher_ckpt={teacher_ckpt} is ignored")
+        self.mode = mode
+        self.teacher_ckpt = teacher_ckpt
+        self.warm_start = bool(warm_start)
+        self.sigma_data = float(sigma_data)
+        self.rho = float(rho)
+        self.num_scales = int(num_scales)
+        self.mu = float(mu)
+        self.loss_name = loss
+        self.huber_c = float(huber_c)
+        self.s0, self.s1 = int(s0), int(s1)
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+        self.total_steps = None if total_steps is None else int(total_steps)
+        self.sampler = sampler
+        self.sample_steps = int(sample_steps)
+        self.cm_sigmas = None if cm_sigmas is None else [float(s) for s in cm_sigmas]
+        # The range actually trained on is stored in the checkpoint: a teacher can narrow it at fit time,
+        # and load_module rebuilds the module from the config, which still has the values asked for.
+        self.register_buffer("sigma_range", torch.tensor([sigma_min, sigma_max], dtype=torch.float32))
+        self.register_load_state_dict_post_hook(_after_load)
+        self._sync_sigma_range()
+        self._check_cm_sigmas()
+        self.has_dropout = _has_dropout(net)
+        # mu > 0: the target is a separate, non-trainable EMA of the student, saved with it so a resume restores it.
+        self.target_net = None
+        if self.mu > 0:
+            self.target_net = _frozen_copy(net)
+        self._grid_cache: dict = {}
+
+    # --- noise levels -------------------------------------------------------------------------
+    def _sync_sigma_range(self) -> None:
+        self.sigma_min, self.sigma_max = (float(v) for v in self.sigma_range.tolist())
+
+    def _set_sigma_range(self, sigma_min: float, sigma_max: float) -> None:
+        self.sigma_range.copy_(torch.tensor([sigma_min, sigma_max], dtype=self.sigma_range.dtype))
+        self._sync_sigma_range()
+        self._grid_cache.clear()
+
+    def _check_cm_sigmas(self) -> None:
+        if self.cm_sigmas is None:
+            return
+        s = self.cm_sigmas
+        if not s or any(b >= a for a, b in zip(s, s[1:])) or s[-1] <= self.sigma_min or s[0] > self.sigma_max * (1 + 1e-6):
+            raise ValueError(
+                f"model.cm_sigmas={s} must be strictly decreasing within (sigma_min, sigma_max] = "
+                f"({self.sigma_min:.4g}, {self.sigma_max:.4g}] (usually starting at sigma_max)"
+            )
+
+    def grid(self, n: int, device=None) -> torch.Tensor:
+        """The n Karras levels sigma_1 = sigma_min < ... < sigma_n = sigma_max, ascending (float64, cached)."""
+        key = (n, str(device))
+        if key not in self._grid_cache:
+            self._grid_cache = {k: v for k, v in self._grid_cache.items() if k[0] == n}  # N(k) changes: keep few
+            self._grid_cache[key] = karras_sigmas(n, self.sigma_min, self.sigma_max, self.rho).flip(0).to(device)
+        return self._grid_cache[key]
+
+    def curriculum_total_steps(self) -> int:
+        trainer = self._trainer
+        if trainer is not None and trainer.max_steps is not None and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        if self.total_steps is None:
+            raise ValueError("model.mode=train grows N over training: set trainer.max_steps or model.total_steps")
+        return self.total_steps
+
+    def num_scales_at(self, step: int) -> int:
+        """N for the current step: fixed in distillation, the iCT curriculum in training."""
+        if self.mode == "distill":
+            return self.num_scales
+        return ict_num_scales(step, self.curriculum_total_steps(), self.s0, self.s1)
+
+    # --- networks ------------------------------------------------------------------------------
+    def _precond(self, net: nn.Module, slot: str) -> ConsistencyPrecond:
+        # Not registered (it would store every weight twice, see EDM.precond); rebuilt when the net or
+        # sigma_min changes, which costs nothing.
+        cached = self.__dict__.get(slot)
+        if cached is None or cached.net is not net or cached.sigma_min != self.sigma_min:
+            cached = ConsistencyPrecond(net, self.sigma_data, self.sigma_min)
+            self.__dict__[slot] = cached
+        return cached
+
+    def consistency_fn(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
+        """The student f(x, sigma); sigma a scalar or (B,)."""
+        return self._precond(self.net, "_precond_student")(x, sigma, cond)
+
+    @torch.no_grad()
+    def target_fn(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
+        """f^-: the EMA target network when mu > 0, else the student without gradient."""
+        if self.target_net is None:
+            return self._precond(self.net, "_precond_student")(x, sigma, cond)
+        return self._precond(self.target_net, "_precond_target")(x, sigma, cond)
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """theta^- <- mu theta^- + (1 - mu) theta, after every optimizer step."""
+        if self.target_net is None:
+            return
+        target, online = list(self.target_net.parameters()), list(self.net.parameters())
+        torch._foreach_lerp_(target, [p.detach() for p in online], 1.0 - self.mu)
+        for tb, b in zip(self.target_net.buffers(), self.net.buffers()):
+            tb.copy_(b)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.update_target()
+
+    # --- the teacher ---------------------------------------------------------------------------
+    @property
+    def teacher(self) -> Teacher:
+        """The frozen teacher (distillation), loaded from model.teacher_ckpt on first use; never saved with the student."""
+        teacher = self.__dict__.get("_teacher")
+        if teacher is None:
+            if self.mode != "distill":
+                raise ValueError("model.mode=train uses no teacher")
+            if not self.teacher_ckpt:
+                raise ValueError(
+                    "model.mode=distill needs a teacher: pass model.teacher_ckpt=PATH (a .ckpt of model=edm, vesde, vpsde "
+                    "or ddpm written by train.py on the same data), or use model.mode=train (consistency training, no teacher)"
+                )
+            self.attach_teacher(load_teacher(self.teacher_ckpt, self.data_shape, self.cond_dim))
+            teacher = self.__dict__["_teacher"]
+        return teacher
+
+    def attach_teacher(self, teacher: Teacher) -> None:
+        """Use `teacher` and narrow [sigma_min, sigma_max] to the levels it was trained on (with a warning)."""
+        lo, hi = self.sigma_min, self.sigma_max
+        new_lo, new_hi = max(lo, teacher.sigma_min), min(hi, teacher.sigma_max)
+        if new_lo >= new_hi:
+            raise ValueError(f"the teacher covers sigma in [{teacher.sigma_min:.4g}, {teacher.sigma_max:.4g}], which misses "
+                             f"model.sigma_min..sigma_max = [{lo:.4g}, {hi:.4g}]")
+        if (new_lo, new_hi) != (lo, hi):
+            rank_zero_warn(
+                f"the {teacher.kind} teacher was trained on sigma in [{teacher.sigma_min:.4g}, {teacher.sigma_max:.4g}]: "
+                f"the consistency model uses sigma_min={new_lo:.4g}, sigma_max={new_hi:.4g} instead of {lo:.4g}, {hi:.4g}"
+            )
+            self._set_sigma_range(new_lo, new_hi)
+            if self.cm_sigmas is not None:
+                self.cm_sigmas = [min(self.cm_sigmas[0], new_hi), *self.cm_sigmas[1:]]
+            self._check_cm_sigmas()
+        self.__dict__["_teacher"] = teacher
+
+    def _teacher_on(self, device: torch.device) -> Teacher:
+        teacher = self.teacher
+        if teacher.device is not None and teacher.device != device:
+            teacher.to(device)
+        return teacher
+
+    def _warm_start_from(self, teacher: Teacher) -> None:
+        # Only an EDM net sees what the student's net sees (c_in x, c_noise): a DDPM or score-SDE net is fed
+        # x_t and t, so its weights would be a poor start.
+        if teacher.kind != "edm":
+            rank_zero_info(f"warm start skipped: a {teacher.kind} teacher's net is fed x_t and t, not EDM's c_in x and c_noise")
+            return
+        teacher_net = teacher.module.net
+        student_cfg = (self.run_config or {}).get("net")
+        teacher_cfg = (teacher.config or {}).get("net")
+        if student_cfg is not None and teacher_cfg is not None:
+            same = OmegaConf.to_container(OmegaConf.create(student_cfg), resolve=True) == OmegaConf.to_container(OmegaConf.create(teacher_cfg), resolve=True)
+        else:
+            mine, theirs = self.net.state_dict(), teacher_net.state_dict()
+            same = mine.keys() == theirs.keys() and all(mine[k].shape == theirs[k].shape for k in mine)
+        if not same:
+            rank_zero_warn("warm start skipped: the teacher's net settings differ from the student's (net.*); the student starts from scratch")
+            return
+        if float(teacher.module.sigma_data) != self.sigma_data:
+            rank_zero_warn(f"warm start skipped: the teacher's sigma_data={teacher.module.sigma_data} differs from model.sigma_data={self.sigma_data}")
+            return
+        state = teacher_net.state_dict()
+        self.net.load_state_dict(state)
+        if self.target_net is not None:
+            self.target_net.load_state_dict(state)
+        rank_zero_info(f"warm start: the student starts from the teacher's net ({teacher.path})")
+
+    # --- Lightning -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or self.mode != "distill":
+            return
+        teacher = self.teacher  # fail before any training time is spent
+        # Lightning restores a checkpoint only after setup (overwriting a warm start anyway); train.py's
+        # config says beforehand whether this run resumes.
+        resuming = bool((self.run_config or {}).get("ckpt_path")) or (self._trainer is not None and self._trainer.ckpt_path is not None)
+        if self.warm_start and not resuming:
+            self._warm_start_from(teacher)
+
+    def on_fit_start(self) -> None:
+        if self.mode == "distill":
+            self._teacher_on(self.device)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.mode == "train":
+            self.log("train/num_scales", float(self.num_scales_at(self.global_step)), on_step=True, on_epoch=False)
+        return loss
+
+    # --- the loss ------------------------------------------------------------------------------
+    def pair(self, batch_size: int, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma_n, sigma_{n+1}) per sample, float64: uniform n (distill) or iCT's log-normal pair weights (train)."""
+        n_levels = self.num_scales_at(self.global_step)
+        grid = self.grid(n_levels, device)
+        if self.mode == "distill":
+            idx = torch.randint(0, n_levels - 1, (batch_size,), device=device, generator=generator)
+        else:
+            key = (n_levels, str(device), "probs")
+            if key not in self._grid_cache:
+                self._grid_cache[key] = ict_pair_probs(grid, self.p_mean, self.p_std)
+            probs = self._grid_cache[key]
+            idx = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
+        return grid[idx], grid[idx + 1]
+
+    def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """d(a, b) per sample: mean squared error (l2) or iCT's pseudo-Huber (see `pseudo_huber`)."""
+        diff = (a - b).float()
+        if self.loss_name == "l2":
+            return diff.flatten(1).pow(2).mean(1)
+        return pseudo_huber(diff, self.huber_c)
+
+    def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        x0, cond = batch["x"], batch.get("cond")
+        shape = (-1, *([1] * (x0.dim() - 1)))
+        sigma_lo, sigma_hi = self.pair(x0.shape[0], x0.device, generator)
+        z = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        x_hi = x0 + sigma_hi.to(x0.dtype).reshape(shape) * z
+        if self.mode == "distill":
+            teacher = self._teacher_on(x0.device)
+            with torch.no_grad():
+                x_lo = heun_step(lambda x, s: teacher.denoise(x, s, cond), x_hi, sigma_hi, sigma_lo)
+            weight = torch.ones_like(sigma_lo)
+        else:
+            # The teacher-free estimate: x + sigma_n z with the same z lies on the same trajectory in expectation.
+            x_lo = x0 + sigma_lo.to(x0.dtype).reshape(shape) * z
+            weight = 1.0 / (sigma_hi - sigma_lo)
+        # With dropout, f and f^- see the same mask (the RNG is replayed), so their gap measures consistency only.
+        devices = [x0.device.index or 0] if x0.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=self.has_dropout, device_type="cuda"):
+            student = self.consistency_fn(x_hi, sigma_hi, cond)
+        target = self.target_fn(x_lo, sigma_lo, cond)
+        return (weight.to(student.dtype) * self.distance(student, target)).mean()
+
+    # --- sampling ------------------------------------------------------------------------------
+    def sample_sigmas(self, steps: int | None = None) -> list[float]:
+        """Where f is evaluated: model.cm_sigmas when its length matches `steps` (or steps is unset); else
+        sigma_max and the next steps - 1 levels of a (steps + 1)-level Karras grid (its last level, sigma_min,
+        would be wasted: f is the identity there). The papers tune the 2-step level (0.821 for iCT on
+        CIFAR-10); set model.cm_sigmas=[80,0.821] to use such a choice."""
+        if steps is None:
+            steps = len(self.cm_sigmas) if self.cm_sigmas else self.sample_steps
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if self.cm_sigmas is not None and len(self.cm_sigmas) == steps:
+            return list(self.cm_sigmas)
+        if steps == 1:
+            return [self.sigma_max]
+        return karras_sigmas(steps + 1, self.sigma_min, self.sigma_max, self.rho)[:-1].tolist()
+
+    def nfe(self, sampler: str | None = None, steps: int | None = None) -> int:
+        sampler = sampler or self.sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r} for a consistency model: use one of {SAMPLERS}")
+        return len(self.sample_sigmas(steps))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        cond=None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        x_T: torch.Tensor | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        cond = self.check_cond(cond, num_samples)
+        sampler = sampler or self.sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r} for a consistency model: use one of {SAMPLERS}")
+        sigmas = self.sample_sigmas(steps)
+        if x_T is None:
+            x_T = sigmas[0] * self.prior_noise(num_samples, generator)
+        fn = lambda x, s: self.consistency_fn(x, s, cond)  # noqa: E731
+        return multistep_sample(fn, x_T, sigmas, self.sigma_min, generator, self.clip_denoised, progress)
+
+
+def _after_load(module: ConsistencyModel, incompatible_keys) -> None:
+    module._sync_sigma_range()
+
+
+def _frozen_copy(net: nn.Module) -> nn.Module:
+    target = copy.deepcopy(net)
+    target.requires_grad_(False)
+    return target
