@@ -1,0 +1,256 @@
+"""Exposure-bias options of DDPM (Epsilon Scaling, time-step shifting, trajectories) and its measurement.
+
+Perfect denoisers come from analytic.GaussianMixture, so a measured gap is either zero in expectation
+(and checked within standard errors) or follows a stated closed form.
+"""
+
+import math
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_modules.analytic import GaussianMixture
+from lightning_modules import ddpm as ddpm_module
+from lightning_modules.ddpm import DDPM, ancestral_sample, ddim_sample, ddim_timesteps, scale_eps, shift_levels, skip_posterior
+from lightning_modules.exposure_bias import PER_STEP, measure_exposure_bias
+from lightning_modules.nets import MLP
+from lightning_modules.schedules import DiscreteSchedule, make_betas
+
+T = 100
+
+
+class ExactEps(nn.Module):
+    def __init__(self, mixture: GaussianMixture, num_timesteps: int = T):
+        super().__init__()
+        self.mixture = mixture
+        self.abar = DiscreteSchedule(make_betas("linear", num_timesteps)).alphas_cumprod.double()
+
+    def forward(self, x, noise_level, cond=None):
+        abar = self.abar[noise_level.long()]
+        return -(1 - abar).sqrt()[:, None].float() * self.mixture.score(x, abar.sqrt(), (1 - abar).sqrt())
+
+
+def ddpm(net=None, dim=2, **kwargs) -> DDPM:
+    torch.manual_seed(0)
+    if net is None:
+        net = MLP((dim,), hidden=32, depth=2, emb_dim=16)
+        nn.init.normal_(net.fc_out.weight, std=0.5)  # the MLP starts as the zero function, under which scaling is a no-op
+    return DDPM(net, partial(torch.optim.Adam, lr=1e-3), data_shape=(dim,), num_timesteps=T, sample_steps=10, **kwargs)
+
+
+def raw_eps(model):
+    return lambda x, t: model.eps(x, t)
+
+
+# --- Epsilon Scaling ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings", [{}, {"eps_scale": 1.0}, {"eps_scale_schedule": "linear", "eps_scale_slope": 0.0}])
+def test_eps_scale_one_is_bitwise_the_unscaled_sampler(settings):
+    model = ddpm(**settings)
+    x_T = torch.randn(32, 2, generator=torch.Generator().manual_seed(0))
+    for sampler, run in [
+        ("ancestral", lambda g: ancestral_sample(raw_eps(model), model.schedule, x_T, model.variance, generator=g)),
+        ("ddim", lambda g: ddim_sample(raw_eps(model), model.schedule, x_T, 10, 1.0, generator=g)),
+    ]:
+        want = run(torch.Generator().manual_seed(1))
+        got = model.sample(32, sampler=sampler, eta=1.0, x_T=x_T, generator=torch.Generator().manual_seed(1), eps_scale=1.0)
+        assert torch.equal(got, want), sampler
+
+
+def test_eps_scale_divides_eps_by_its_schedule():
+    eps_fn = lambda x, t: x * 0 + 1.0  # noqa: E731
+    x, t = torch.zeros(3, 2), torch.tensor([0, 10, 50])
+    torch.testing.assert_close(scale_eps(eps_fn, 1.25)(x, t), torch.full((3, 2), 0.8))
+    lam = 1.01 + 0.002 * t.float()
+    torch.testing.assert_close(scale_eps(eps_fn, 1.01, "linear", 0.002)(x, t), (1 / lam)[:, None].expand(3, 2))
+    with pytest.raises(ValueError, match="eps_scale_schedule"):
+        scale_eps(eps_fn, 1.0, "cosine")
+    with pytest.raises(ValueError, match="eps_scale"):
+        ddpm(eps_scale=0.0)
+    x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    a = ddpm().sample(8, sampler="ddim", x_T=x_T)
+    b = ddpm().sample(8, sampler="ddim", x_T=x_T, eps_scale=1.05)
+    assert (a - b).abs().max() > 1e-4
+
+
+# --- time-step shifting ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+def test_time_shift_window_zero_is_bitwise_the_plain_sampler(sampler):
+    model = ddpm(time_shift_window=0, time_shift_cutoff=5)
+    x_T = torch.randn(32, 2, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(2)
+    if sampler == "ancestral":
+        want = ancestral_sample(raw_eps(model), model.schedule, x_T, model.variance, generator=g)
+    else:
+        want = ddim_sample(raw_eps(model), model.schedule, x_T, 10, 0.5, generator=g)
+    got = model.sample(32, sampler=sampler, eta=0.5, x_T=x_T, generator=torch.Generator().manual_seed(2), time_shift_window=0)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("true_level", [150, 400, 700])
+def test_shift_levels_finds_the_level_whose_forward_variance_fits(true_level):
+    """x = sqrt(abar) x0 + sqrt(1 - abar) z with many elements: the element variance names its level, as far as
+    the variance of d elements can tell levels apart (at high noise abar barely moves, and neither can it)."""
+    schedule = DiscreteSchedule(make_betas("linear", 1000))
+    g = torch.Generator().manual_seed(true_level)
+    d, s2 = 100_000, 0.3
+    abar = schedule.alphas_cumprod.double()
+    fwd_var = abar * s2 + 1 - abar
+    x0 = math.sqrt(s2) * torch.randn(4, d, generator=g)
+    x = abar[true_level].sqrt().float() * x0 + (1 - abar[true_level]).sqrt().float() * torch.randn(4, d, generator=g)
+    got = shift_levels(x, true_level + 20, schedule, window=40, lowest=0, data_var=torch.tensor(s2))
+    se = fwd_var[true_level] * math.sqrt(2 / d)
+    assert ((fwd_var[got] - fwd_var[true_level]).abs() < 5 * se).all(), got
+    if true_level < 500:  # the authors' rule (data variance 0) reads the data's share as noise: a higher level
+        authors = shift_levels(x, true_level + 20, schedule, window=40, lowest=0, data_var=torch.tensor(0.0))
+        assert (authors > got).all()
+        # the window and the floor bound the choice: the level nearest the truth that they allow
+        clipped = shift_levels(x, true_level + 30, schedule, window=5, lowest=true_level + 28, data_var=torch.tensor(s2))
+        assert (clipped == true_level + 28).all()
+
+
+@pytest.mark.parametrize("sampler,window", [("ddim", 4), ("ddim", 15), ("ancestral", 3)])  # DDIM's stride here is 11
+def test_shifted_levels_stay_in_the_window_and_above_the_next_level(sampler, window):
+    model = ddpm(dim=64, time_shift_window=window)
+    x_T = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    levels = []
+    x = model.sample(16, sampler=sampler, x_T=x_T, generator=torch.Generator().manual_seed(1), callback=lambda i, t, x: levels.append(t))
+    assert torch.isfinite(x).all()
+    nominal = ddim_timesteps(T, 10).tolist() if sampler == "ddim" else list(range(T - 1, -1, -1))
+    assert len(levels) == len(nominal) and (levels[0] == nominal[0]).all()
+    for k, (t, i) in enumerate(zip(levels, nominal)):
+        below = nominal[k + 1] if k + 1 < len(nominal) else -1
+        assert ((t - i).abs() <= window).all() and (t > below).all() and (t < T).all()
+    assert any((t != i).any() for t, i in zip(levels, nominal))  # it does shift
+
+
+def test_skip_posterior_is_q_posterior_for_one_step_and_exact_for_many():
+    schedule = DiscreteSchedule(make_betas("linear", T))
+    g = torch.Generator().manual_seed(0)
+    n, mu = 20000, torch.tensor([0.5, -1.0])
+    s = torch.randint(11, 31, (n,), generator=g)
+    x_s = schedule.q_sample(mu.expand(n, 2), s, torch.randn(n, 2, generator=g))
+    one, _ = skip_posterior(schedule, mu.expand(n, 2), x_s, s, -1)
+    torch.testing.assert_close(one, mu.expand(n, 2))  # down to the data: x0 itself
+    t = torch.full((n,), 40)
+    x_t = schedule.q_sample(mu.expand(n, 2), t, torch.randn(n, 2, generator=g))
+    for variance, want_var in [("posterior", schedule.posterior_variance[40]), ("beta", schedule.betas[40])]:
+        mean, var = skip_posterior(schedule, mu.expand(n, 2), x_t, t, 39, variance)
+        torch.testing.assert_close(mean, schedule.q_posterior(mu.expand(n, 2), x_t, t)[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(var.flatten(), want_var.expand(n), rtol=1e-4, atol=0)
+    # from levels 11..30 down to 10 with a point mass: exactly q(x_10 | x0)
+    mean, var = skip_posterior(schedule, mu.expand(n, 2), x_s, s, 10)
+    x = mean + var.sqrt() * torch.randn(n, 2, generator=g)
+    abar = schedule.alphas_cumprod[10].double()
+    z = ((x.double() - abar.sqrt() * mu) / (1 - abar).sqrt()).flatten()
+    assert abs(z.mean()) < 5 / math.sqrt(z.numel()) and abs(z.var() - 1) < 5 * math.sqrt(2 / z.numel())
+
+
+@pytest.mark.parametrize("sampler,variance", [("ancestral", "beta"), ("ancestral", "posterior"), ("ddim", "beta")])
+def test_shifting_to_the_nominal_level_reproduces_the_plain_sampler(monkeypatch, sampler, variance):
+    """The shifted path's general step, handed the nominal levels, is the plain sampler up to rounding."""
+    model = ddpm(variance=variance)
+    x_T = torch.randn(32, 2, generator=torch.Generator().manual_seed(0))
+    plain = model.sample(32, sampler=sampler, eta=0.7, x_T=x_T, generator=torch.Generator().manual_seed(1))
+    calls = []
+
+    def nominal_levels(x, nominal, *args, **kwargs):
+        calls.append(nominal)
+        return torch.full((x.shape[0],), nominal)
+
+    monkeypatch.setattr(ddpm_module, "shift_levels", nominal_levels)
+    shifted = model.sample(32, sampler=sampler, eta=0.7, x_T=x_T, generator=torch.Generator().manual_seed(1), time_shift_window=3)
+    # every step but the first (from x_T) and the one at level 0 (at the default cutoff 0) took the shifted path
+    assert len(calls) == (T - 2 if sampler == "ancestral" else 8)
+    torch.testing.assert_close(shifted, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_time_shift_needs_samples_with_several_elements():
+    model = DDPM(MLP((1,), hidden=8, depth=1, emb_dim=8), partial(torch.optim.Adam), data_shape=(1,), num_timesteps=T, time_shift_window=2)
+    with pytest.raises(ValueError, match="2\\+ elements"):
+        model.sample(4, sampler="ddim")
+
+
+# --- trajectories -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+def test_trajectory_and_callback_see_every_visited_state(sampler):
+    model = ddpm()
+    x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    seen = []
+    kwargs = {"variance": model.variance} if sampler == "ancestral" else {"steps": 10, "eta": 1.0}
+    fn = ancestral_sample if sampler == "ancestral" else ddim_sample
+    x, traj = fn(raw_eps(model), model.schedule, x_T, generator=torch.Generator().manual_seed(1), return_trajectory=True,
+                 callback=lambda i, t, x: seen.append((i, t, x)), **kwargs)
+    plain = fn(raw_eps(model), model.schedule, x_T, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert torch.equal(x, plain)
+    levels = torch.arange(T - 1, -1, -1) if sampler == "ancestral" else ddim_timesteps(T, 10)
+    assert traj["x"].shape == (len(levels), 8, 2) and torch.equal(traj["t"], levels[:, None].expand(-1, 8))
+    assert torch.equal(traj["x"][0], x_T)
+    assert [i for i, _, _ in seen] == list(range(len(levels)))
+    assert all(torch.equal(xs, traj["x"][i]) for i, _, xs in seen)
+
+
+# --- the measurement -------------------------------------------------------------------------------------
+
+MU = [0.8, -0.4]
+N = 4000
+
+
+def point_mass_model(**kwargs):
+    return ddpm(net=ExactEps(GaussianMixture(means=[MU], stds=[0.0])), variance="posterior", **kwargs)
+
+
+def test_perfect_ancestral_sampler_on_a_point_mass_has_no_exposure_gap():
+    """x0 is known exactly at every level, so each ancestral step is q(x_{t-1} | x_t, x0): x^_t ~ q(x_t | x0)."""
+    model = point_mass_model()
+    x0 = torch.tensor(MU).expand(N, 2)
+    out = measure_exposure_bias(model, x0, "ancestral", generator=torch.Generator().manual_seed(0))
+    assert all(out[k].shape == (T,) for k in PER_STEP) and out["nfe"] == T
+    assert torch.equal(out["t"], torch.arange(T - 1, -1, -1, dtype=torch.float64))
+    torch.testing.assert_close(out["q_var"], 1 - model.schedule.alphas_cumprod.flip(0).double())
+    se = math.sqrt(2 / (N * 2))  # of sampler_var / q_var: a mean of N * D squared standard normals
+    assert (out["ratio"] - 1).abs().max() < 5 * se
+    assert out["delta_sum"] < (out["q_var"] * (5 * se) ** 2 / 4).sum()
+    assert out["err_sampler"].max() < 1e-8 and out["err_forward"].max() < 1e-8
+    # the check has power: Epsilon Scaling a perfect eps makes the sampler under-noise, and it shows
+    scaled = measure_exposure_bias(model, x0, "ancestral", generator=torch.Generator().manual_seed(0), eps_scale=1.1)
+    assert scaled["delta_sum"] > 50 * out["delta_sum"] and (scaled["ratio"] - 1).abs().max() > 10 * se
+
+
+def test_deterministic_ddim_on_a_point_mass_keeps_the_forward_noise():
+    model = point_mass_model()
+    x0 = torch.tensor(MU).expand(N, 2)
+    out = measure_exposure_bias(model, x0, "ddim", steps=10, generator=torch.Generator().manual_seed(1), eta=0.0)
+    assert torch.equal(out["t"], ddim_timesteps(T, 10).double()) and out["nfe"] == 10
+    # every state is q_sample(x0, t, z) with the one z of x_T: the ratio is mean(z^2) at every level
+    torch.testing.assert_close(out["ratio"], out["ratio"][:1].expand(10), atol=1e-4, rtol=1e-4)
+    assert abs(out["ratio"][0] - 1) < 5 * math.sqrt(2 / (N * 2))
+    chunked = measure_exposure_bias(model, x0, "ddim", steps=10, generator=torch.Generator().manual_seed(1), eta=0.0, batch_size=1500)
+    for key in ("t", "q_var", "sampler_var", "marginal_var_sampler"):
+        torch.testing.assert_close(chunked[key], out[key], atol=1e-6, rtol=1e-5)
+
+
+def test_perfect_ancestral_sampler_on_gaussian_data_keeps_the_forward_marginal():
+    """Gaussian data N(mu, s^2 I): x^_t has q(x_t)'s variance at every level, while the gap conditioned on x0
+    grows as the trajectory forgets x0 (documented in measure_exposure_bias)."""
+    s = 0.5
+    data = GaussianMixture(means=[MU], stds=[s])
+    model = ddpm(net=ExactEps(data), variance="posterior")
+    g = torch.Generator().manual_seed(3)
+    x0 = data.sample(N, generator=g)
+    out = measure_exposure_bias(model, x0, "ancestral", generator=g)
+    abar = model.schedule.alphas_cumprod.flip(0).double()
+    want = abar * s**2 + 1 - abar
+    # two independent variance estimates from N rows (per element), averaged over D = 2 elements
+    se = want * math.sqrt(2 * 2 / N / 2)
+    assert ((out["marginal_var_sampler"] - out["marginal_var_forward"]).abs() < 5 * se).all()
+    assert ((out["marginal_var_forward"] - want).abs() < 5 * want * math.sqrt(2 / N / 2)).all()
+    assert out["ratio"][0] == pytest.approx(1, abs=0.05) and out["ratio"][-1] > 100
+    assert (out["err_sampler"] > 0).all() and (out["err_forward"] > 0).all()
