@@ -1,0 +1,84 @@
+"""Exposure bias at validation: what the sampler visits against q(x_t | x0), logged as scalars and a curve.
+
+Runs only for DDPM-family models (they expose a discrete schedule and eps); the
+quality callback logs its figure beside it, because a variance gap alone rewards
+samplers that collapse.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from callbacks.ema import ema_weights
+from callbacks.sample_logger import log_image
+from callbacks.visualize import save_png
+
+
+def exposure_curve(result: dict, title: str = "") -> np.ndarray:
+    """sampler vs forward variance (left) and the denoiser's x0 error on both inputs (right), against t."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = result["t"].numpy()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3), dpi=100)
+    left.plot(t, result["q_var"].numpy(), label="q(x_t|x0): 1 - abar_t")
+    left.plot(t, result["sampler_var"].numpy(), label="sampler", linestyle="--")
+    left.set_xlabel("t")
+    left.set_title(f"per-sample variance about sqrt(abar) x0 (delta_sum {result['delta_sum']:.3g})", fontsize=8)
+    left.legend(fontsize=7)
+    right.plot(t, result["err_forward"].numpy(), label="forward-noised input")
+    right.plot(t, result["err_sampler"].numpy(), label="sampler-made input", linestyle="--")
+    right.set_yscale("log")
+    right.set_xlabel("t")
+    right.set_title("denoiser's x0 error", fontsize=8)
+    right.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+class ExposureBias(pl.Callback):
+    """Every `every_n_val` validations: exposure/delta_sum, exposure/mean_ratio and the curve, on `num_samples`
+    held-out examples with the EMA weights. Skipped for methods without a discrete schedule."""
+
+    def __init__(self, num_samples: int = 256, every_n_val: int = 1, sampler: str | None = None, steps: int | None = None, seed: int = 3):
+        self.num_samples, self.every_n_val = num_samples, every_n_val
+        self.sampler, self.steps, self.seed = sampler, steps, seed
+        self._val_count = 0
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not hasattr(pl_module, "schedule") or self.every_n_val <= 0:
+            return
+        self._val_count += 1
+        if self._val_count % self.every_n_val == 0:
+            self._measure(trainer, pl_module)
+
+    @rank_zero_only
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_modules.exposure_bias import measure_exposure_bias
+
+        dataset = trainer.datamodule.dataset("val")
+        batch = dataset[torch.arange(min(self.num_samples, len(dataset)))]
+        x0 = batch["x"].to(pl_module.device)
+        cond = batch.get("cond")
+        sampler = self.sampler or pl_module.sampler
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        with ema_weights(trainer, pl_module):
+            result = measure_exposure_bias(pl_module, x0, sampler, self.steps, generator,
+                                           cond=None if cond is None else cond.to(pl_module.device))
+        for logger in trainer.loggers:
+            logger.log_metrics({"exposure/delta_sum": result["delta_sum"], "exposure/mean_ratio": result["mean_ratio"],
+                                "exposure/mean_gap": result["mean_gap"]}, step=trainer.global_step)
+        image = exposure_curve(result, f"{sampler}, {result['nfe']} NFE, step {trainer.global_step}")
+        log_image(trainer, "exposure/curve", image, trainer.global_step)
+        save_png(image, Path(trainer.default_root_dir) / "exposure" / f"step_{trainer.global_step:07d}.png")

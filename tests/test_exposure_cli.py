@@ -1,0 +1,40 @@
+"""The exposure-bias figure end to end: logged at validation, and `evaluate.py metric=exposure_bias`."""
+
+import json
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import run_cli
+
+
+@pytest.mark.slow
+def test_exposure_bias_is_logged_and_evaluated(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli("train.py", "data=toy2d", "trainer.max_steps=20", "trainer.val_check_interval=10", "model.sample_steps=5",
+            "final_eval.num_samples=100", "callbacks.quality.num_samples=100", "callbacks.exposure_bias.num_samples=64",
+            f"hydra.run.dir={run_dir}")
+    assert sorted(p.name for p in (run_dir / "exposure").glob("*.png")) == ["step_0000010.png", "step_0000020.png"]
+    events = EventAccumulator(str(next((run_dir / "tensorboard").rglob("events*")).parent))
+    events.Reload()
+    assert "exposure/delta_sum" in events.Tags()["scalars"] and "quality/sliced_w1" in events.Tags()["scalars"]
+    assert "exposure/curve" in events.Tags()["images"]
+
+    out = tmp_path / "eb.json"
+    proc = run_cli("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "metric=exposure_bias", "sampler=ddim",
+                   "steps=5", "num_samples=64", f"out={out}", "progress=false")
+    result = json.loads(out.read_text())
+    assert len(result["per_step"]["t"]) == 5 and result["nfe"] == 5  # one entry per visited step
+    assert result["value"] == pytest.approx(sum(result["per_step"]["delta"]), rel=1e-9)
+    assert "quality" in result and "quality beside it" in proc.stdout  # never the gap alone
+    assert out.with_suffix(".png").exists()
+
+
+@pytest.mark.slow
+def test_exposure_bias_refuses_methods_without_a_discrete_schedule(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli("train.py", "model=edm", "data=toy2d", "trainer.max_steps=4", "trainer.val_check_interval=4", "model.sample_steps=2",
+            "final_eval.num_samples=32", "callbacks.quality.num_samples=32", f"hydra.run.dir={run_dir}")
+    assert not (run_dir / "exposure").exists()
+    proc = run_cli("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "metric=exposure_bias", check=False)
+    assert proc.returncode != 0 and "needs a DDPM-family checkpoint" in proc.stderr + proc.stdout
