@@ -92,6 +92,17 @@ def main(cfg: DictConfig) -> dict:
                   **evaluate_bpd(module, datamodule, cfg, device), "device": device}
         return write_result(cfg, result)
     metric = make_metric(cfg.metric, datamodule, cfg, device)
+    if cfg.eps_scale_search:
+        from evaluation.eps_scale import search_eps_scale
+
+        search = search_eps_scale(module, metric, cfg.eps_scale_search, cfg.num_samples or 2000, cfg.sampler, cfg.steps, cfg.seed, cfg.batch_size)
+        for scale, value in zip(search["scales"], search["values"]):
+            print(f"eps_scale {scale:<8g} {metric.name} = {value:.4g}")
+        result = {"checkpoint": str(cfg.ckpt_path), "metric": f"{metric.name}_eps_scale_search", "value": search["best_value"],
+                  "floor": float(metric.floor(cfg.num_samples or 2000)), "num_samples": cfg.num_samples or 2000,
+                  "sampler": cfg.sampler or module.sampler, "nfe": module.nfe(cfg.sampler, cfg.steps), "samples_per_second": 0.0,
+                  "device": device, **search}
+        return write_result(cfg, result)
     num_samples = cfg.num_samples or DEFAULT_NUM_SAMPLES.get(metric.name, 2000)
     sampler = cfg.sampler or getattr(module, "sampler", None)
     kwargs = {"sampler": cfg.sampler, "steps": cfg.steps, **({"eta": cfg.eta} if cfg.eta is not None else {})}

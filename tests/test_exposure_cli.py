@@ -29,6 +29,13 @@ def test_exposure_bias_is_logged_and_evaluated(tmp_path):
     assert "quality" in result and "quality beside it" in proc.stdout  # never the gap alone
     assert out.with_suffix(".png").exists()
 
+    search = tmp_path / "search.json"
+    run_cli("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "eps_scale_search=[1.0,1.05]", "sampler=ddim",
+            "steps=5", "num_samples=64", f"out={search}", "progress=false")
+    result = json.loads(search.read_text())
+    assert result["scales"] == [1.0, 1.05] and len(set(result["values"])) == 2  # the scale changes the samples
+    assert result["best_value"] == min(result["values"]) and result["baseline_value"] == result["values"][0]
+
 
 @pytest.mark.slow
 def test_exposure_bias_refuses_methods_without_a_discrete_schedule(tmp_path):
