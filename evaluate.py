@@ -105,7 +105,8 @@ def main(cfg: DictConfig) -> dict:
         return write_result(cfg, result)
     num_samples = cfg.num_samples or DEFAULT_NUM_SAMPLES.get(metric.name, 2000)
     sampler = cfg.sampler or getattr(module, "sampler", None)
-    kwargs = {"sampler": cfg.sampler, "steps": cfg.steps, **({"eta": cfg.eta} if cfg.eta is not None else {})}
+    kwargs = {"sampler": cfg.sampler, "steps": cfg.steps, **({"eta": cfg.eta} if cfg.eta is not None else {}),
+              **{k: cfg[k] for k in ("eps_scale", "time_shift_window") if cfg.get(k) is not None}}
     nfe = module.nfe(cfg.sampler, cfg.steps)
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -143,17 +144,18 @@ def evaluate_exposure_bias(cfg: DictConfig, module, ckpt, datamodule, device: st
     sampler = cfg.sampler or module.sampler
     x0 = held_out_data(datamodule, cfg.num_samples or 512).to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    ex = measure_exposure_bias(module, x0, sampler, cfg.steps, generator, batch_size=cfg.batch_size)
+    fixes = {k: cfg[k] for k in ("eps_scale", "time_shift_window") if cfg.get(k) is not None}
+    ex = measure_exposure_bias(module, x0, sampler, cfg.steps, generator, batch_size=cfg.batch_size, **fixes)
     metric = datamodule.make_metric()
     quality = {}
     if metric is not None:
         x = module.sample_many(cfg.num_samples or 2000, cfg.batch_size, torch.Generator(device=device).manual_seed(cfg.seed),
-                               sampler=cfg.sampler, steps=cfg.steps)
+                               sampler=cfg.sampler, steps=cfg.steps, **fixes)
         quality = {"quality_metric": metric.name, "quality": float(metric(x)), "quality_floor": float(metric.floor(x.shape[0]))}
     result = {
         "checkpoint": str(cfg.ckpt_path), "global_step": int(ckpt.get("global_step", -1)), "metric": "exposure_bias",
         "value": ex["delta_sum"], "floor": None, "sampler": sampler, "steps": cfg.steps or module.sample_steps, "nfe": ex["nfe"],
-        "num_samples": int(x0.shape[0]), "mean_gap": ex["mean_gap"], "mean_ratio": ex["mean_ratio"], **quality,
+        "num_samples": int(x0.shape[0]), "mean_gap": ex["mean_gap"], "mean_ratio": ex["mean_ratio"], **fixes, **quality,
         "per_step": {k: ex[k].tolist() for k in ("t", "q_var", "sampler_var", "delta", "err_sampler", "err_forward",
                                                   "marginal_var_sampler", "marginal_var_forward")},
         "samples_per_second": 0.0, "device": device,
