@@ -51,7 +51,7 @@ class ExposureBias(pl.Callback):
     """Every `every_n_val` validations: exposure/delta_sum, exposure/mean_ratio and the curve, on `num_samples`
     held-out examples with the EMA weights. Skipped for methods without a discrete schedule."""
 
-    def __init__(self, num_samples: int = 256, every_n_val: int = 1, sampler: str | None = None, steps: int | None = None, seed: int = 3):
+    def __init__(self, num_samples: int = 128, every_n_val: int = 1, sampler: str | None = None, steps: int | None = None, seed: int = 3):
         self.num_samples, self.every_n_val = num_samples, every_n_val
         self.sampler, self.steps, self.seed = sampler, steps, seed
         self._val_count = 0
