@@ -67,3 +67,23 @@ class GaussianMixture:
         scale_t = torch.as_tensor(scale, dtype=y.dtype).reshape(-1, *([1] * (y.dim() - 1)))
         sigma_t = torch.as_tensor(sigma, dtype=y.dtype).reshape(-1, *([1] * (y.dim() - 1)))
         return (y + sigma_t**2 * self.score(y, scale, sigma)) / scale_t
+
+
+class ExactEpsNet(torch.nn.Module):
+    """The exact DDPM eps of a Gaussian mixture in a net's slot: eps*(x_t, t) = -sqrt(1 - abar_t) score_t(x_t).
+
+    A DDPM built with it samples (and rolls back) exactly, up to the sampler's own
+    discretisation, so tests can tell a sampler's error from a net's. `calls`
+    records the grad mode of every call (which forwards could carry gradient).
+    """
+
+    def __init__(self, mixture: GaussianMixture, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self.mixture = mixture
+        self.abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        self.calls: list[bool] = []
+
+    def forward(self, x, noise_level, cond=None):
+        self.calls.append(torch.is_grad_enabled())
+        abar = self.abar[noise_level.long()]
+        return -(1 - abar).sqrt()[:, None].float() * self.mixture.score(x, abar.sqrt(), (1 - abar).sqrt())

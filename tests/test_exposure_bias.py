@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_modules.analytic import GaussianMixture
+from lightning_modules.analytic import ExactEpsNet, GaussianMixture
 from lightning_modules import ddpm as ddpm_module
 from lightning_modules.ddpm import DDPM, ancestral_sample, ddim_sample, ddim_timesteps, scale_eps, shift_levels, skip_posterior
 from lightning_modules.exposure_bias import PER_STEP, measure_exposure_bias
@@ -21,15 +21,8 @@ from lightning_modules.schedules import DiscreteSchedule, make_betas
 T = 100
 
 
-class ExactEps(nn.Module):
-    def __init__(self, mixture: GaussianMixture, num_timesteps: int = T):
-        super().__init__()
-        self.mixture = mixture
-        self.abar = DiscreteSchedule(make_betas("linear", num_timesteps)).alphas_cumprod.double()
-
-    def forward(self, x, noise_level, cond=None):
-        abar = self.abar[noise_level.long()]
-        return -(1 - abar).sqrt()[:, None].float() * self.mixture.score(x, abar.sqrt(), (1 - abar).sqrt())
+def ExactEps(mixture: GaussianMixture, num_timesteps: int = T) -> ExactEpsNet:
+    return ExactEpsNet(mixture, DiscreteSchedule(make_betas("linear", num_timesteps)).alphas_cumprod)
 
 
 def ddpm(net=None, dim=2, **kwargs) -> DDPM:

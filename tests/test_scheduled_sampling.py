@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from conftest import run_cli
-from lightning_modules.analytic import GaussianMixture
+from lightning_modules.analytic import ExactEpsNet, GaussianMixture
 from lightning_modules.ddpm import DDPM
 from lightning_modules.nets import MLP
 from lightning_modules.scheduled_sampling import ROLLBACKS, ScheduledSamplingDDPM
@@ -21,19 +21,8 @@ from lightning_modules.schedules import DiscreteSchedule, make_betas
 T = 100
 
 
-class ExactEps(nn.Module):
-    """eps*(x_t, t) = -sqrt(1 - abar_t) * score of q_t for Gaussian-mixture data (the net slot's signature)."""
-
-    def __init__(self, mixture: GaussianMixture, num_timesteps: int = T):
-        super().__init__()
-        self.mixture = mixture
-        self.abar = DiscreteSchedule(make_betas("linear", num_timesteps)).alphas_cumprod.double()
-        self.calls = []  # grad mode of every call, to see which forwards can carry gradient
-
-    def forward(self, x, noise_level, cond=None):
-        self.calls.append(torch.is_grad_enabled())
-        abar = self.abar[noise_level.long()]
-        return -(1 - abar).sqrt()[:, None].float() * self.mixture.score(x, abar.sqrt(), (1 - abar).sqrt())
+def ExactEps(mixture: GaussianMixture, num_timesteps: int = T) -> ExactEpsNet:
+    return ExactEpsNet(mixture, DiscreteSchedule(make_betas("linear", num_timesteps)).alphas_cumprod)
 
 
 def point_mass(mu):
