@@ -96,6 +96,12 @@ def chunk_latency(policy, make_env: Callable, seed: int = 0, repeats: int = 10) 
     return float(np.median(times))
 
 
+def _env_max_steps(make_env: Callable) -> int:
+    env = make_env()
+    env.close()
+    return env.max_steps
+
+
 def evaluate_policy(policy, datamodule, num_episodes: int, seed: int, max_steps: int | None = None, render_episodes: int = 0,
                     video_dir=None, progress: bool = False) -> dict:
     """The paper's protocol (seeds seed..seed+num_episodes-1, receding horizon) plus NFE, sampler and latency per chunk."""
@@ -108,7 +114,7 @@ def evaluate_policy(policy, datamodule, num_episodes: int, seed: int, max_steps:
     out = {
         **summarize(results),
         "seeds": [seed, seed + num_episodes - 1],
-        "max_steps": max_steps or datamodule.make_env().max_steps,
+        "max_steps": max_steps or _env_max_steps(make_env),
         "sampler": policy.sampler or getattr(policy.module, "sampler", None),
         "steps": policy.steps or getattr(policy.module, "sample_steps", None),
         "nfe": policy.nfe,

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lightning_modules.base import DiffusionModule
-from lightning_modules.edm import EDMPrecond, karras_sigmas
+from lightning_modules.edm import EDMPrecond, heun_step, karras_sigmas
 from lightning_modules.teachers import Teacher, load_teacher
 
 MODES = ("distill", "train")
@@ -66,16 +66,6 @@ class ConsistencyPrecond(EDMPrecond):
         c_in = total.rsqrt()
         c_noise = sigma.log() / 4
         return c_skip, c_out, c_in, c_noise
-
-
-def heun_step(denoise_fn: Callable, x: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tensor) -> torch.Tensor:
-    """One Heun step of dx/dsigma = (x - D(x; sigma)) / sigma with per-sample sigmas (B,), both > 0."""
-    shape = (-1, *([1] * (x.dim() - 1)))
-    s0, s1 = sigma_from.reshape(shape).to(x.dtype), sigma_to.reshape(shape).to(x.dtype)
-    d0 = (x - denoise_fn(x, sigma_from)) / s0
-    x_euler = x + (s1 - s0) * d0
-    d1 = (x_euler - denoise_fn(x_euler, sigma_to)) / s1
-    return x + (s1 - s0) * 0.5 * (d0 + d1)
 
 
 def pseudo_huber_c(dim: int, c0: float = HUBER_C) -> float:

@@ -176,9 +176,7 @@ def ancestral_sample(
     above t-1, with stride 1 only upward shifts are possible. time_shift_data_var=None estimates the data's
     element variance once, per sample, from the first step's x0 prediction (our reading, see shift_levels).
     """
-    if variance not in ("beta", "posterior"):
-        raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
-    log_var = torch.log(schedule.betas) if variance == "beta" else schedule.posterior_log_variance_clipped
+    log_var = ancestral_log_variance(schedule, variance)
     watch = _Trajectory(callback, return_trajectory)
     shift = _TimeShift(schedule, time_shift_window, time_shift_cutoff, time_shift_data_var)
     x = x_T
@@ -203,6 +201,13 @@ def ancestral_sample(
         else:
             x = mean
     return watch.result(x, return_trajectory)
+
+
+def ancestral_log_variance(schedule: DiscreteSchedule, variance: str) -> torch.Tensor:
+    """log sigma_t^2 of an ancestral step, per level: beta_t ('beta') or the posterior's beta~_t ('posterior')."""
+    if variance not in ("beta", "posterior"):
+        raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
+    return torch.log(schedule.betas) if variance == "beta" else schedule.posterior_log_variance_clipped
 
 
 def ddim_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:

@@ -97,6 +97,17 @@ def _with_final_zero(sigmas: torch.Tensor) -> list[float]:
     return sigmas.tolist() + [0.0]
 
 
+def heun_step(denoise_fn: DenoiseFn, x: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tensor) -> torch.Tensor:
+    """One Heun step of dx/dsigma = (x - D(x; sigma)) / sigma with per-sample sigmas (B,), both > 0."""
+    shape = (-1, *([1] * (x.dim() - 1)))
+    s0, s1 = sigma_from.reshape(shape).to(x.dtype), sigma_to.reshape(shape).to(x.dtype)
+    d0 = (x - denoise_fn(x, sigma_from)) / s0
+    x_euler = x + (s1 - s0) * d0
+    d1 = (x_euler - denoise_fn(x_euler, sigma_to)) / s1
+    return x + (s1 - s0) * 0.5 * (d0 + d1)
+
+
+
 @torch.no_grad()
 def edm_heun_sample(
     denoise_fn: DenoiseFn,
@@ -126,13 +137,11 @@ def edm_heun_sample(
         if gamma > 0:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * noise
-        d = (x - denoise_fn(x, x.new_full((x.shape[0],), sigma_hat))) / sigma_hat
-        x_next = x + (sigma_next - sigma_hat) * d
         if sigma_next > 0:
-            # The trapezoid's second slope; skipped at sigma = 0, where (x - D) / sigma is undefined.
-            d_next = (x_next - denoise_fn(x_next, x.new_full((x.shape[0],), sigma_next))) / sigma_next
-            x_next = x + (sigma_next - sigma_hat) * 0.5 * (d + d_next)
-        x = x_next
+            x = heun_step(denoise_fn, x, x.new_full((x.shape[0],), sigma_hat), x.new_full((x.shape[0],), sigma_next))
+        else:
+            # Euler on the last step: at sigma = 0 the trapezoid's second slope (x - D) / sigma is undefined.
+            x = denoise_fn(x, x.new_full((x.shape[0],), sigma_hat))
     return x
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.ddpm import DDPM, _clip_x0, ddim_step
+from lightning_modules.ddpm import DDPM, _clip_x0, ancestral_log_variance, ddim_step
 from lightning_modules.schedules import extract
 
 ROLLBACKS = ("renoise", "ancestral", "sampler_step")
@@ -112,8 +112,7 @@ class ScheduledSamplingDDPM(DDPM):
             return self.schedule.q_sample(x0_hat, lower, z)
         if self.ss_rollback == "ancestral":
             mean, _ = self.schedule.q_posterior(x0_hat, x, level)
-            log_var = torch.log(self.schedule.betas) if self.variance == "beta" else self.schedule.posterior_log_variance_clipped
-            return mean + torch.exp(0.5 * extract(log_var, level, x)) * z
+            return mean + torch.exp(0.5 * extract(ancestral_log_variance(self.schedule, self.variance), level, x)) * z
         abar = self.schedule.alphas_cumprod
         return ddim_step(x0_hat, eps, extract(abar, level, x), extract(abar, lower, x), self.eta, z)
 
