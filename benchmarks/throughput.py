@@ -70,10 +70,18 @@ def parse_args(argv=None):
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps (= NFE) for the sampling measurement")
     p.add_argument("--sample-batch", type=int, default=None, help="samples per sampling call (default: --batch-size)")
     p.add_argument("--compile", action="store_true", help="torch.compile both nets (nn.Module.compile)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune")
+    p.add_argument("--no-compile-peer", action="store_true", help="with --compile: compile ours only, time diffusers eager")
     p.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs")
+    p.add_argument(
+        "--peer-eager",
+        action="store_true",
+        help="also time diffusers as a plain training step (eager, contiguous) beside the peer with the same options",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--no-lightning", action="store_true", help="skip the ours+Lightning measurement")
     p.add_argument("--no-sample", action="store_true", help="skip the sampling measurement")
+    p.add_argument("--profile", type=int, default=0, help="profile N eager training steps of ours and print the top CUDA/CPU kernels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write", action="store_true", help=f"append the rows to {RESULTS.relative_to(ROOT)}")
     args = p.parse_args(argv)
@@ -270,6 +278,21 @@ def _cpu_sdpa_bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs):
     from torch.utils.flop_counter import sdpa_backward_flop_count
 
     return sdpa_backward_flop_count(_as4(grad_out), _as4(q), _as4(k), _as4(v))
+
+
+def profile_steps(args, impl) -> None:
+    """Where one eager training step's time goes: the profiler's top kernels by device (or CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    impl.run_steps(2)
+    sync(args.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        impl.run_steps(args.profile)
+        sync(args.device)
+    key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    print(f"profile of {args.profile} steps of {impl.name} (eager):")
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
 
 
 def count_flops(step_fn) -> int:
@@ -492,6 +515,9 @@ def main(argv=None):
 
     if args.device == "cpu":
         torch.set_num_threads(args.threads or os.cpu_count())
+    else:
+        torch.set_float32_matmul_precision("high")  # train.py's default (speed.matmul_precision), for both
+        torch.backends.cudnn.benchmark = True  # trainer=gpu sets benchmark: true
     torch.manual_seed(args.seed)
     load_before = os.getloadavg()
     dev = torch.device(args.device)
@@ -518,28 +544,48 @@ def main(argv=None):
 
     ours = OursPlain(args, module, x, autocast)
     peer = Peer(args, peer_model, x, autocast)
+    peer_eager = None
+    if args.peer_eager:
+        eager_model = UNet2DModel(**peer_config(net_kwargs, data_shape)).to(dev)
+        eager_model.load_state_dict(peer_model.state_dict())
+        eager_args = argparse.Namespace(**{**vars(args), "channels_last": False})
+        peer_eager = Peer(eager_args, eager_model.train(), x.contiguous(), autocast)
+        peer_eager.name = "diffusers eager"
     # FLOPs first (eager, before compile): one forward+backward each.
     ours.flops = count_flops(ours.step)
     peer.flops = count_flops(peer.step)
     print(f"FLOPs per fwd+bwd step: ours {ours.flops / 1e9:.2f} G | diffusers {peer.flops / 1e9:.2f} G")
+    if args.profile:
+        profile_steps(args, ours)
     if args.compile:
-        module.net.compile()
-        peer_model.compile()
+        module.net.compile(mode=args.compile_mode)
+        if args.no_compile_peer:
+            peer.name = "diffusers (not compiled)"
+        else:
+            peer_model.compile(mode=args.compile_mode)
 
-    impls = [ours, peer]
+    impls = [ours, peer] + ([peer_eager] if peer_eager else [])
+    if peer_eager:
+        peer_eager.flops = peer.flops
     lightning = None
     if not args.no_lightning:
         lightning = OursLightning(args, module, x, autocast)
         lightning.flops = ours.flops
 
-    peak_size = 4096 if args.device == "cuda" else 1024
+    peak_size = 8192 if args.device == "cuda" else 1024
     peak_rates = measure_peak_flops(dev, dtype, peak_size)
 
-    # Warm-up (also builds the optimizer state), then one memory round, then the timed rounds.
+    # Warm-up (also builds the optimizer state and, with --compile, compiles), then one memory round, then the
+    # timed rounds. The sampler is warmed at the timed batch size so a compiled net sees no new shape later.
     for impl in impls:
+        sync(args.device)
+        t0 = time.perf_counter()
         impl.run_steps(args.warmup)
+        sync(args.device)
+        impl.warmup_s = time.perf_counter() - t0
         if not args.no_sample:
-            impl.sample(min(args.sample_batch, 2), 1)
+            impl.sample(args.sample_batch if args.device == "cuda" else min(args.sample_batch, 2), 1)
+        print(f"  warm-up {impl.name}: {args.warmup} steps in {impl.warmup_s:.1f} s", flush=True)
     probe = MemProbe(args.device)
     mem_steps = min(args.steps, 2)
     for impl in impls:
@@ -579,7 +625,7 @@ def main(argv=None):
     smed = {i.name: statistics.median(i.sample_rates) for i in impls} if not args.no_sample else {}
     config = (
         f"{args.net} {args.device}"
-        + (" compile" if args.compile else "")
+        + (f" compile{'-' + args.compile_mode if args.compile_mode else ''}" if args.compile else "")
         + (" channels-last" if args.channels_last else "")
         + f" ({args.steps} steps x {args.rounds} rounds)"
     )
@@ -590,11 +636,11 @@ def main(argv=None):
         mfu = impl.flops * steps_s / peak_flops
         s_rate = smed.get(impl.name)
         sample_cell = f"{s_rate:.2f} @{nfe}" if s_rate is not None else "—"
-        s_ratio = f"{s_rate / smed['diffusers']:.2f}" if s_rate is not None else "—"
-        params = p_peer if impl is peer else p_ours
+        s_ratio = f"{s_rate / smed[peer.name]:.2f}" if s_rate is not None else "—"
+        params = p_peer if impl in (peer, peer_eager) else p_ours
         rows.append(
             f"| {config} | {impl.name} | {fmt_params(params)} | {args.batch_size} | {args.precision} | "
-            f"{steps_s * args.batch_size:.1f} ({steps_s:.3f} steps/s) | {steps_s / med['diffusers']:.2f} | "
+            f"{steps_s * args.batch_size:.1f} ({steps_s:.3f} steps/s) | {steps_s / med[peer.name]:.2f} | "
             f"{100 * mfu:.1f}% | {fmt_bytes(impl.static_mem + impl.peak_mem)} | {sample_cell} | {s_ratio} |"
         )
 
@@ -605,6 +651,12 @@ def main(argv=None):
         "best of two runs; MFU uses the max): "
         + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak_rates.items()),
     ]
+    if peer_eager is not None:
+        notes.append(
+            "ours / diffusers as a plain eager step (contiguous, no compile): "
+            f"train {med['ours'] / med['diffusers eager']:.2f}"
+            + ("" if args.no_sample else f", sample {smed['ours'] / smed['diffusers eager']:.2f}")
+        )
     if lightning is not None:
         notes.append(f"Lightning overhead: ours / ours+Lightning step rate = {med['ours'] / med['ours+Lightning']:.3f}")
     notes.append(

@@ -110,6 +110,20 @@ class DiffusionModule(pl.LightningModule):
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning refuses to clip for an optimizer that unscales internally (fused Adam/AdamW) under every
+        # mixed precision. Only fp16's loss scaler makes that unsafe: under bf16 (no scaler) the gradients are
+        # already the true ones, so clip them directly and keep the fused step.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if gradient_clip_val and scaler is None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if str(getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm) or "norm") == "norm":
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["difflab"] = {
             "config": self.run_config,

@@ -124,7 +124,7 @@ def test_slurm_launcher_config_sizes_the_job_from_the_trainer(tmp_path):
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
 
 
-def test_speed_settings_apply_channels_last_and_compile_without_renaming_parameters(tmp_path):
+def test_speed_settings_apply_channels_last_and_compile_without_renaming_parameters(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from train import apply_speed_settings
@@ -137,6 +137,12 @@ def test_speed_settings_apply_channels_last_and_compile_without_renaming_paramet
     conv = next(m for m in module.net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.in_channels > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert module.net._compiled_call_impl is not None and list(module.state_dict()) == names
+    graphs = compose_train(["net.ch=16", "speed.compile=reduce-overhead"], tmp_path)
+    _, graphed = build(graphs)
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw.get("mode")))
+    apply_speed_settings(graphs, graphed, trainer)
+    assert modes == ["reduce-overhead"]
     torch.set_float32_matmul_precision("highest")
     auto = compose_train(["net.ch=16"], tmp_path)
     _, plain = build(auto)
@@ -144,3 +150,41 @@ def test_speed_settings_apply_channels_last_and_compile_without_renaming_paramet
     conv = next(m for m in plain.net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.in_channels > 1)
     assert not conv.weight.is_contiguous(memory_format=torch.channels_last)
     torch.set_float32_matmul_precision("highest")
+
+
+def test_fused_optimizer_is_chosen_on_gpu_only_and_bf16_training_still_clips(tmp_path):
+    """speed.fused_optimizer=auto fuses Adam only on a GPU; Lightning alone would refuse to clip its gradients."""
+    from types import SimpleNamespace
+
+    import lightning.pytorch as pl
+
+    from train import apply_speed_settings
+
+    cfg = compose_train(["net.ch=16", "data.batch_size=8"], tmp_path)
+    _, module = build(cfg)
+    cpu = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    apply_speed_settings(cfg, module, cpu)
+    assert "fused" not in module.optimizer_factory.keywords
+    gpu = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda")))
+    apply_speed_settings(cfg, module, gpu)  # device type is all it reads: no GPU needed
+    assert module.optimizer_factory.keywords["fused"] is True
+    torch.set_float32_matmul_precision("highest")
+
+    # Fused Adam runs on the CPU too, so the bf16 + fused + clip path is exercised here.
+    clip, norms = 1e-3, []
+    datamodule = instantiate(cfg.data)
+
+    class RecordNorm(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            def post_hook(optimizer, *_):  # Lightning's closure runs inside step(): the grads exist only after it
+                grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+            trainer.optimizers[0].register_step_post_hook(post_hook)
+
+    trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=3, gradient_clip_val=clip, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[RecordNorm()])
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.optimizers[0].defaults["fused"] is True
+    assert len(norms) == 3 and max(norms) <= clip * 1.01
