@@ -59,10 +59,11 @@ def main() -> None:
     parser.add_argument("--data", choices=sorted(DATA), default="toy2d")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num-samples", type=int, default=2000)
+    parser.add_argument("--variants", nargs="+", choices=sorted(TRAINED), default=list(TRAINED), help="trained variants to run (default: all)")
     args = parser.parse_args()
     rows: dict[tuple[str, str], dict[str, list[float]]] = {}
     for seed in args.seeds:
-        for variant in TRAINED:
+        for variant in args.variants:
             run_dir = train(args.data, variant, seed)
             final = json.loads((run_dir / "final" / "metrics.json").read_text())
             fixes = {"": []} if variant != "baseline" else {"": [], **{f"+{k}": v for k, v in SAMPLING_FIXES.items()}}
