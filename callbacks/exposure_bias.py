@@ -16,18 +16,14 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.ema import ema_weights
 from callbacks.sample_logger import log_image
-from callbacks.visualize import save_png
+from callbacks.visualize import agg_figure, figure_rgb, save_png
 
 
 def exposure_curve(result: dict, title: str = "") -> np.ndarray:
     """sampler vs forward variance (left) and the denoiser's x0 error on both inputs (right), against t."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     t = result["t"].numpy()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3), dpi=100)
+    fig = agg_figure((8, 3))
+    left, right = fig.subplots(1, 2)
     left.plot(t, result["q_var"].numpy(), label="q(x_t|x0): 1 - abar_t")
     left.plot(t, result["sampler_var"].numpy(), label="sampler", linestyle="--")
     left.set_xlabel("t")
@@ -40,11 +36,7 @@ def exposure_curve(result: dict, title: str = "") -> np.ndarray:
     right.set_title("denoiser's x0 error", fontsize=8)
     right.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
+    return figure_rgb(fig)
 
 
 class ExposureBias(pl.Callback):

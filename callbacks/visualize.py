@@ -21,16 +21,28 @@ def image_grid(images: torch.Tensor, upscale: int = 1, nrow: int | None = None) 
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def agg_figure(figsize: tuple[float, float], dpi: int = 100):
+    """A figure on its own Agg canvas: no pyplot, so the global backend (a notebook's inline one) is untouched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def figure_rgb(fig) -> np.ndarray:
+    fig.tight_layout()
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
 def scatter_over_reference(samples: torch.Tensor, reference: torch.Tensor, title: str = "") -> np.ndarray:
     """2-D samples (blue) over ground-truth points (grey), HWC uint8."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     samples = samples.detach().float().cpu().numpy()
     reference = reference.detach().float().cpu().numpy()
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    fig = agg_figure((4, 4))
+    ax = fig.subplots()
     ax.scatter(reference[:, 0], reference[:, 1], s=2, c="0.75", label="data")
     ax.scatter(samples[:, 0], samples[:, 1], s=2, c="tab:blue", label="samples")
     lim = max(3.0, float(np.abs(reference).max()) * 1.2)
@@ -39,11 +51,7 @@ def scatter_over_reference(samples: torch.Tensor, reference: torch.Tensor, title
     ax.set_aspect("equal")
     ax.set_title(title)
     ax.legend(loc="upper right", markerscale=4, fontsize=7)
-    fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
+    return figure_rgb(fig)
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:

@@ -92,6 +92,7 @@ def fit(module, datamodule, max_steps: int, ema_decay: float | None = 0.999, pro
         callbacks=callbacks,
         **trainer_kwargs,
     )
+    module.train()  # Lightning trains in the mode it finds, and a module that was sampled from is in eval mode
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)  # Lightning's WeightAveraging copies the average in at the end
     module.eval()
