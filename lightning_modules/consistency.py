@@ -425,10 +425,14 @@ class ConsistencyModel(DiffusionModule):
             return [self.sigma_max]
         return karras_sigmas(steps + 1, self.sigma_min, self.sigma_max, self.rho)[:-1].tolist()
 
-    def nfe(self, sampler: str | None = None, steps: int | None = None) -> int:
+    def _sampler(self, sampler: str | None) -> str:
         sampler = sampler or self.sampler
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r} for a consistency model: use one of {SAMPLERS}")
+        return sampler
+
+    def nfe(self, sampler: str | None = None, steps: int | None = None) -> int:
+        sampler = self._sampler(sampler)
         return len(self.sample_sigmas(steps))
 
     @torch.no_grad()
@@ -443,9 +447,7 @@ class ConsistencyModel(DiffusionModule):
         progress: bool = False,
     ) -> torch.Tensor:
         cond = self.check_cond(cond, num_samples)
-        sampler = sampler or self.sampler
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r} for a consistency model: use one of {SAMPLERS}")
+        sampler = self._sampler(sampler)
         sigmas = self.sample_sigmas(steps)
         if x_T is None:
             x_T = sigmas[0] * self.prior_noise(num_samples, generator)

@@ -7,6 +7,7 @@ Perfect denoisers come from analytic.GaussianMixture, so a measured gap is eithe
 import math
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -247,3 +248,23 @@ def test_perfect_ancestral_sampler_on_gaussian_data_keeps_the_forward_marginal()
     assert ((out["marginal_var_forward"] - want).abs() < 5 * want * math.sqrt(2 / N / 2)).all()
     assert out["ratio"][0] == pytest.approx(1, abs=0.05) and out["ratio"][-1] > 100
     assert (out["err_sampler"] > 0).all() and (out["err_forward"] > 0).all()
+
+
+def test_plots_leave_the_global_matplotlib_backend_alone():
+    """A notebook's inline backend must survive the callbacks' plots (matplotlib.use('Agg') used to replace it)."""
+    import matplotlib
+
+    from callbacks.exposure_bias import exposure_curve
+    from callbacks.visualize import scatter_over_reference
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        image = scatter_over_reference(torch.randn(50, 2), torch.randn(50, 2), title="t")
+        assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+        t = torch.arange(5.0)
+        result = {"t": t, "q_var": t, "sampler_var": t, "err_forward": t + 1, "err_sampler": t + 2, "delta_sum": 1.0}
+        assert exposure_curve(result, "t").shape[2] == 3
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
