@@ -173,12 +173,13 @@ def evaluate_policy_checkpoint(cfg: DictConfig, device: str) -> dict:
     from envs.policy import load_policy
     from envs.runner import evaluate_policy
 
-    policy, datamodule = load_policy(cfg.ckpt_path, cfg.sampler, cfg.steps, cfg.n_action_steps, device, cfg.seed)
+    fixes = {k: cfg[k] for k in ("eps_scale", "time_shift_window") if cfg.get(k) is not None}
+    policy, datamodule = load_policy(cfg.ckpt_path, cfg.sampler, cfg.steps, cfg.n_action_steps, device, cfg.seed, **fixes)
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"policy_{policy.nfe}nfe.json"
     video_dir = out.parent / f"{out.stem}_videos" if cfg.render else None
     result = evaluate_policy(policy, datamodule, cfg.num_episodes, cfg.first_seed, cfg.max_steps,
                              render_episodes=cfg.num_episodes if cfg.render else 0, video_dir=video_dir, progress=cfg.progress)
-    result = {"checkpoint": str(cfg.ckpt_path), "global_step": policy.global_step, "metric": "policy", "device": device, **result}
+    result = {"checkpoint": str(cfg.ckpt_path), "global_step": policy.global_step, "metric": "policy", "device": device, **fixes, **result}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"policy: mean max-reward {result['mean_max_reward']:.4f}, success rate {result['success_rate']:.3f}, "

@@ -3,6 +3,11 @@ time-step shifting, on a 2-D toy and digits, for ancestral sampling (all T steps
 
     python benchmarks/exposure_bias.py --data toy2d --seeds 0 1 2
     python benchmarks/exposure_bias.py --data digits --seeds 0 1 2
+    PUSHT_ZARR=/path/pusht_cchi_v7_replay.zarr python benchmarks/exposure_bias.py --data pusht --seeds 0
+
+On Push-T (`experiment=pusht_ddpm`, 8k steps, T=100) the quality figure is closed-loop: mean max-reward and
+success over 200 episodes (seeds 200000..200199), for DDIM-10 and DDIM-4 (the few-step samplers a policy uses);
+the scheduled-sampling roll-back `sampler_step` is matched to DDIM-10's stride.
 
 Every training run and every evaluation is a file under benchmarks/runs/eb_<data>_<variant>_s<seed>/ and is
 skipped when present, so a stopped benchmark resumes. The table (mean +- std over seeds of the quality
@@ -21,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = {"toy2d": ["data=toy2d", "data.name=swiss_roll"], "digits": ["data=digits"]}
+DATA = {"toy2d": ["data=toy2d", "data.name=swiss_roll"], "digits": ["data=digits"],
+        "pusht": ["experiment=pusht_ddpm", "trainer.max_steps=8000", "final_eval.num_episodes=50"]}
 TRAINED = {  # variant: train.py overrides
     "baseline": ["model=ddpm"],
     "ss_renoise": ["model=scheduled_sampling", "model.ss_rollback=renoise"],
@@ -29,7 +35,9 @@ TRAINED = {  # variant: train.py overrides
     "ss_sampler_step": ["model=scheduled_sampling", "model.ss_rollback=sampler_step", "model.sample_steps=10"],
     "input_perturbation": ["model=ddpm", "model.input_perturbation=0.1"],
 }
-SAMPLERS = {"ancestral": ["sampler=ancestral"], "ddim10": ["sampler=ddim", "steps=10"]}
+SAMPLERS = {"ancestral": ["sampler=ancestral"], "ddim10": ["sampler=ddim", "steps=10"], "ddim4": ["sampler=ddim", "steps=4"]}
+DEFAULT_SAMPLERS = {"toy2d": ["ancestral", "ddim10"], "digits": ["ancestral", "ddim10"], "pusht": ["ddim10", "ddim4"]}
+POLICY_EPISODES = ["metric=policy", "num_episodes=200", "first_seed=200000"]
 SAMPLING_FIXES = {"eps_scale_1.01": ["eps_scale=1.01"], "eps_scale_1.03": ["eps_scale=1.03"], "time_shift_5": ["time_shift_window=5"]}
 
 
@@ -60,6 +68,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--variants", nargs="+", choices=sorted(TRAINED), default=list(TRAINED), help="trained variants to run (default: all)")
+    parser.add_argument("--samplers", nargs="+", choices=sorted(SAMPLERS), default=None,
+                        help="samplers to evaluate (default: ancestral and ddim10; pusht: ddim10 and ddim4). "
+                             "Ancestral runs all T steps and dominates the CPU time on digits")
     args = parser.parse_args()
     rows: dict[tuple[str, str], dict[str, list[float]]] = {}
     for seed in args.seeds:
@@ -67,17 +78,29 @@ def main() -> None:
             run_dir = train(args.data, variant, seed)
             final = json.loads((run_dir / "final" / "metrics.json").read_text())
             fixes = {"": []} if variant != "baseline" else {"": [], **{f"+{k}": v for k, v in SAMPLING_FIXES.items()}}
-            for sampler, sampler_args in SAMPLERS.items():
+            for sampler in args.samplers or DEFAULT_SAMPLERS[args.data]:
+                sampler_args = SAMPLERS[sampler]
                 for fix, fix_args in fixes.items():
+                    row = rows.setdefault((variant + fix, sampler), {"quality": [], "floor": [], "delta_sum": [], "sec_per_step": []})
+                    row["sec_per_step"].append(final["train_seconds"] / max(final["global_step"], 1))
+                    if args.data == "pusht":  # closed loop: no sample-quality metric and no unconditional exposure measurement
+                        p = evaluate(run_dir, f"policy_{sampler}{fix}", [*POLICY_EPISODES, *sampler_args, *fix_args])
+                        row["quality"].append(p["mean_max_reward"])
+                        row.setdefault("success", []).append(p["success_rate"])
+                        continue
                     q = evaluate(run_dir, f"quality_{sampler}{fix}", [*sampler_args, *fix_args, f"num_samples={args.num_samples}"])
                     e = evaluate(run_dir, f"exposure_{sampler}{fix}", ["metric=exposure_bias", *sampler_args, *fix_args, "num_samples=512"])
-                    row = rows.setdefault((variant + fix, sampler), {"quality": [], "floor": [], "delta_sum": [], "sec_per_step": []})
                     row["quality"].append(q["value"])
                     row["floor"].append(q["floor"])
                     row["delta_sum"].append(e["value"])
-                    row["sec_per_step"].append(final["train_seconds"] / max(final["global_step"], 1))
-    table = {f"{v} | {s}": {k: [float(np.mean(x)), float(np.std(x))] for k, x in r.items()} for (v, s), r in rows.items()}
+    table = {f"{v} | {s}": {k: [float(np.mean(x)), float(np.std(x))] for k, x in r.items() if x} for (v, s), r in rows.items()}
     (ROOT / "benchmarks" / "runs" / f"exposure_{args.data}.json").write_text(json.dumps(table, indent=2))
+    if args.data == "pusht":
+        print(f"| variant | sampler | mean max-reward (mean +- std over {len(args.seeds)} seeds) | success | train s/step |")
+        print("| --- | --- | --- | --- | --- |")
+        for (v, s), r in rows.items():
+            print(f"| {v} | {s} | {np.mean(r['quality']):.4g} +- {np.std(r['quality']):.2g} | {np.mean(r['success']):.3g} | {np.mean(r['sec_per_step']):.4f} |")
+        return
     print(f"| variant | sampler | quality (mean +- std over {len(args.seeds)} seeds) | floor | delta_sum | train s/step |")
     print("| --- | --- | --- | --- | --- | --- |")
     for (v, s), r in rows.items():

@@ -27,6 +27,7 @@ class Policy:
         sampler: str | None = None,
         steps: int | None = None,
         seed: int = 0,
+        sample_kwargs: dict | None = None,
     ):
         self.module = module.eval()
         self.obs_normalizer, self.action_normalizer = obs_normalizer, action_normalizer
@@ -34,6 +35,7 @@ class Policy:
         self.obs_dims = {k: int(obs_dims[k]) for k in self.obs_keys}
         self.n_obs_steps, self.horizon, self.n_action_steps = n_obs_steps, horizon, n_action_steps
         self.sampler, self.steps = sampler, steps
+        self.sample_kwargs = dict(sample_kwargs or {})  # e.g. eps_scale, time_shift_window for the DDPM family
         self.generator = torch.Generator(device=module.device).manual_seed(seed)
 
     @classmethod
@@ -84,7 +86,8 @@ class Policy:
             raise ValueError(f"observation history must be (B, {self.n_obs_steps}, {sum(self.obs_dims.values())}), got {obs.shape}")
         device = self.module.device
         cond = self.obs_normalizer.normalize(torch.from_numpy(obs)).reshape(obs.shape[0], -1).to(device)
-        chunk = self.module.sample(obs.shape[0], cond=cond, sampler=self.sampler, steps=self.steps, generator=self.generator)
+        chunk = self.module.sample(obs.shape[0], cond=cond, sampler=self.sampler, steps=self.steps, generator=self.generator,
+                                    **self.sample_kwargs)
         actions = self.action_normalizer.unnormalize(chunk.float().cpu()).numpy()
         # The chunk is aligned with the history: index n_obs_steps - 1 is the action for the current step.
         start = self.n_obs_steps - 1
@@ -93,8 +96,9 @@ class Policy:
 
 
 def load_policy(path, sampler: str | None = None, steps: int | None = None, n_action_steps: int | None = None,
-                device: str = "cpu", seed: int = 0) -> tuple[Policy, object]:
-    """A checkpoint alone acts: (policy, datamodule); `datamodule.make_env()` builds its environment."""
+                device: str = "cpu", seed: int = 0, **sample_kwargs) -> tuple[Policy, object]:
+    """A checkpoint alone acts: (policy, datamodule); `datamodule.make_env()` builds its environment.
+    sample_kwargs go to every `module.sample` call (e.g. eps_scale=1.01 for a DDPM-family policy)."""
     from lightning_modules.checkpoint import instantiate_datamodule, load_module
 
     module, ckpt = load_module(path, map_location=device)
@@ -105,6 +109,7 @@ def load_policy(path, sampler: str | None = None, steps: int | None = None, n_ac
     if state is None:
         raise ValueError(f"{path} has no normalizer ({type(datamodule).__qualname__} entry): it was not saved by train.py on trajectory data")
     datamodule.load_state_dict(state)
-    policy = Policy.from_datamodule(module, datamodule, n_action_steps=n_action_steps, sampler=sampler, steps=steps, seed=seed)
+    policy = Policy.from_datamodule(module, datamodule, n_action_steps=n_action_steps, sampler=sampler, steps=steps, seed=seed,
+                                    sample_kwargs=sample_kwargs)
     policy.global_step = int(ckpt.get("global_step", -1))
     return policy, datamodule

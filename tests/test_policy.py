@@ -1,5 +1,6 @@
 """Every method as a policy: training on trajectories, acting from a checkpoint alone, closed-loop runs."""
 
+import json
 import os
 from pathlib import Path
 
@@ -75,6 +76,28 @@ def test_policy_executes_the_chunk_from_the_current_step(tmp_path):
     np.testing.assert_allclose(policy.act([obs, obs]), expected, rtol=1e-6)
 
 
+def test_policy_samples_with_the_sampling_fixes_it_is_given(tmp_path):
+    """eps_scale / time_shift_window reach the DDPM sampler on every act(): the actions are those of the sampler
+    called with the fix, and differ from the unfixed policy's under the same seed."""
+    import functools
+
+    torch.manual_seed(0)
+    _, datamodule, module = tiny_obstacle("ddpm", tmp_path)
+    module.clip_denoised = False  # an untrained net's x0 saturates the clip, which would hide the scale
+    with torch.no_grad():  # the net starts as the zero function, and a scaled zero is zero
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    obs = Obstacle2DEnv().reset(seed=2)
+    fixed = Policy.from_datamodule(module, datamodule, steps=5, seed=3, sample_kwargs={"eps_scale": 1.3}).act([obs, obs])
+    plain = Policy.from_datamodule(module, datamodule, steps=5, seed=3).act([obs, obs])
+    sample = module.sample
+    module.sample = functools.partial(sample, eps_scale=1.3)
+    reference = Policy.from_datamodule(module, datamodule, steps=5, seed=3).act([obs, obs])
+    module.sample = sample
+    np.testing.assert_allclose(fixed, reference, rtol=1e-6)
+    assert np.abs(fixed - plain).max() > 1e-4
+
+
 def test_expert_through_the_runner_succeeds_and_scores_are_what_they_claim():
     class ExpertPolicy:
         """The scripted expert behind the Policy interface (one expert per batch row, fixed sides)."""
@@ -135,8 +158,9 @@ def test_train_obstacle_policy_end_to_end_then_load_and_evaluate(tmp_path):
 
     out = tmp_path / "eval.json"
     proc = run_cli("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "metric=policy", "num_episodes=3",
-                   "steps=4", f"out={out}", "render=true", "progress=false")
+                   "steps=4", f"out={out}", "render=true", "progress=false", "eps_scale=1.01")
     assert "mean max-reward" in proc.stdout and out.exists()
+    assert json.loads(out.read_text())["eps_scale"] == 1.01
     assert len(list((tmp_path / "eval_videos").glob("episode_*.gif"))) == 3
 
 
