@@ -27,7 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = {"toy2d": ["data=toy2d", "data.name=swiss_roll"], "digits": ["data=digits"],
-        "pusht": ["experiment=pusht_ddpm", "trainer.max_steps=8000", "final_eval.num_episodes=50"]}
+        "pusht": ["experiment=pusht_ddpm", "trainer.max_steps=8000", "final_eval.num_episodes=50", "callbacks.rollout.every_n_val=4"]}
 TRAINED = {  # variant: train.py overrides
     "baseline": ["model=ddpm"],
     "ss_renoise": ["model=scheduled_sampling", "model.ss_rollback=renoise"],
@@ -74,6 +74,9 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", choices=sorted(SAMPLERS), default=None,
                         help="samplers to evaluate (default: ancestral and ddim10; pusht: ddim10 and ddim4). "
                              "Ancestral runs all T steps and dominates the CPU time on digits")
+    parser.add_argument("--fix-samplers", nargs="+", choices=sorted(SAMPLERS), default=None,
+                        help="samplers the sampling-time fixes (eps scaling, time shifting) are evaluated with "
+                             "(default: every sampler in --samplers)")
     args = parser.parse_args()
     rows: dict[tuple[str, str], dict[str, list[float]]] = {}
     for seed in args.seeds:
@@ -84,6 +87,8 @@ def main() -> None:
             for sampler in args.samplers or DEFAULT_SAMPLERS[args.data]:
                 sampler_args = SAMPLERS[sampler]
                 for fix, fix_args in fixes.items():
+                    if fix and args.fix_samplers is not None and sampler not in args.fix_samplers:
+                        continue
                     row = rows.setdefault((variant + fix, sampler), {"quality": [], "floor": [], "delta_sum": [], "sec_per_step": []})
                     row["sec_per_step"].append(final["train_seconds"] / max(final["global_step"], 1))
                     if args.data == "pusht":  # closed loop: no sample-quality metric and no unconditional exposure measurement
