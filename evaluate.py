@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from lightning_modules.checkpoint import instantiate_datamodule, load_module
 
 DEFAULT_NUM_SAMPLES = {"fid": 50_000, "bpd": 512}
+SAMPLING_FIXES = ("eps_scale", "time_shift_window", "ddim_spacing")  # DDPM-family sampling options evaluate.py can override
 
 
 def held_out_data(datamodule, num: int) -> torch.Tensor:
@@ -95,7 +96,9 @@ def main(cfg: DictConfig) -> dict:
     if cfg.eps_scale_search:
         from evaluation.eps_scale import search_eps_scale
 
-        search = search_eps_scale(module, metric, cfg.eps_scale_search, cfg.num_samples or 2000, cfg.sampler, cfg.steps, cfg.seed, cfg.batch_size)
+        others = {k: v for k, v in sampling_fixes(cfg).items() if k != "eps_scale"}
+        search = search_eps_scale(module, metric, cfg.eps_scale_search, cfg.num_samples or 2000, cfg.sampler, cfg.steps, cfg.seed,
+                                  cfg.batch_size, **others)
         for scale, value in zip(search["scales"], search["values"]):
             print(f"eps_scale {scale:<8g} {metric.name} = {value:.4g}")
         result = {"checkpoint": str(cfg.ckpt_path), "metric": f"{metric.name}_eps_scale_search", "value": search["best_value"],
@@ -106,7 +109,7 @@ def main(cfg: DictConfig) -> dict:
     num_samples = cfg.num_samples or DEFAULT_NUM_SAMPLES.get(metric.name, 2000)
     sampler = cfg.sampler or getattr(module, "sampler", None)
     kwargs = {"sampler": cfg.sampler, "steps": cfg.steps, **({"eta": cfg.eta} if cfg.eta is not None else {}),
-              **{k: cfg[k] for k in ("eps_scale", "time_shift_window") if cfg.get(k) is not None}}
+              **sampling_fixes(cfg)}
     nfe = module.nfe(cfg.sampler, cfg.steps)
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -144,7 +147,7 @@ def evaluate_exposure_bias(cfg: DictConfig, module, ckpt, datamodule, device: st
     sampler = cfg.sampler or module.sampler
     x0 = held_out_data(datamodule, cfg.num_samples or 512).to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    fixes = {k: cfg[k] for k in ("eps_scale", "time_shift_window") if cfg.get(k) is not None}
+    fixes = sampling_fixes(cfg)
     ex = measure_exposure_bias(module, x0, sampler, cfg.steps, generator, batch_size=cfg.batch_size, **fixes)
     metric = datamodule.make_metric()
     quality = {}
@@ -173,7 +176,7 @@ def evaluate_policy_checkpoint(cfg: DictConfig, device: str) -> dict:
     from envs.policy import load_policy
     from envs.runner import evaluate_policy
 
-    fixes = {k: cfg[k] for k in ("eps_scale", "time_shift_window") if cfg.get(k) is not None}
+    fixes = sampling_fixes(cfg)
     policy, datamodule = load_policy(cfg.ckpt_path, cfg.sampler, cfg.steps, cfg.n_action_steps, device, cfg.seed, **fixes)
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"policy_{policy.nfe}nfe.json"
     video_dir = out.parent / f"{out.stem}_videos" if cfg.render else None
@@ -186,6 +189,11 @@ def evaluate_policy_checkpoint(cfg: DictConfig, device: str) -> dict:
           f"mean length {result['mean_length']:.1f} over {result['num_episodes']} episodes (seeds {result['seeds'][0]}..{result['seeds'][1]}); "
           f"{result['sampler']} with {result['nfe']} NFE, {result['latency_per_chunk_s'] * 1000:.1f} ms per chunk on {device} -> {out}")
     return result
+
+
+def sampling_fixes(cfg: DictConfig) -> dict:
+    """The DDPM-family sampling options set on the command line (eps_scale, time_shift_window, ddim_spacing)."""
+    return {k: cfg[k] for k in SAMPLING_FIXES if cfg.get(k) is not None}
 
 
 def write_result(cfg: DictConfig, result: dict) -> dict:

@@ -27,6 +27,8 @@ def main(cfg: DictConfig) -> Path:
     kwargs = {"sampler": cfg.sampler, "steps": cfg.steps}
     if cfg.eta is not None:
         kwargs["eta"] = cfg.eta
+    if cfg.get("ddim_spacing") is not None:
+        kwargs["ddim_spacing"] = cfg.ddim_spacing
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.perf_counter()

@@ -10,7 +10,8 @@ import torch
 
 
 def search_eps_scale(module, metric, scales, num_samples: int, sampler: str | None = None, steps: int | None = None,
-                     seed: int = 0, batch_size: int = 1000) -> dict:
+                     seed: int = 0, batch_size: int = 1000, **sample_kwargs) -> dict:
+    """sample_kwargs (e.g. ddim_spacing, time_shift_window) go to every sampling call unchanged."""
     if not hasattr(module, "schedule"):
         raise ValueError(f"eps scaling applies to DDPM-family models; this is a {type(module).__name__}")
     scales = [float(s) for s in scales]
@@ -19,7 +20,7 @@ def search_eps_scale(module, metric, scales, num_samples: int, sampler: str | No
     values = []
     for scale in scales:
         generator = torch.Generator(device=module.device).manual_seed(seed)
-        x = module.sample_many(num_samples, batch_size, generator, sampler=sampler, steps=steps, eps_scale=scale)
+        x = module.sample_many(num_samples, batch_size, generator, sampler=sampler, steps=steps, eps_scale=scale, **sample_kwargs)
         values.append(float(metric(x)))
     best = min(range(len(scales)), key=values.__getitem__)
     return {"scales": scales, "values": values, "best_scale": scales[best], "best_value": values[best],

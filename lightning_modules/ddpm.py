@@ -25,8 +25,9 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # callback(i, t, x_t): step counter, the (B,) levels x_t is about to be denoised at, the state itself
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 PREDICTIONS = ("eps", "x0", "v")
-SAMPLERS = ("ancestral", "ddim")
+SAMPLERS = ("ancestral", "ddim", "dpmpp_2m")
 EPS_SCALE_SCHEDULES = ("constant", "linear")
+DDIM_SPACINGS = ("uniform", "quadratic", "karras")
 
 
 def _clip_x0(schedule: DiscreteSchedule, x_t, t, eps, clip: bool):
@@ -210,11 +211,38 @@ def ancestral_log_variance(schedule: DiscreteSchedule, variance: str) -> torch.T
     return torch.log(schedule.betas) if variance == "beta" else schedule.posterior_log_variance_clipped
 
 
-def ddim_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
-    """Evenly spaced from T-1 down to 0, so the first step starts from pure noise (Lin et al. 2024's 'trailing')."""
+def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform", schedule: DiscreteSchedule | None = None,
+                   rho: float = 7.0) -> torch.Tensor:
+    """The levels DDIM visits, from T-1 (pure noise, Lin et al. 2024's 'trailing') down to 0, strictly decreasing.
+
+    uniform:   evenly spaced in t.
+    quadratic: t_k = (T-1) (1 - k/(steps-1))^2, so the steps bunch up near the data (Song et al. 2021 used it for
+               CIFAR-10): with a linear schedule the last uniform steps each jump over most of the signal.
+    karras:    evenly spaced in sigma^(1/rho) between sigma_(T-1) and sigma_0, sigma_t = sqrt((1 - abar_t) / abar_t)
+               (Karras et al. 2022's grid, rho = 7), each rounded to the nearest level in log sigma; needs `schedule`.
+    Rounding can make neighbours equal; they are pushed apart by one level, so every grid has `steps` levels.
+    """
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
-    return torch.linspace(num_timesteps - 1, 0, steps, dtype=torch.float64).round().long()
+    if spacing not in DDIM_SPACINGS:
+        raise ValueError(f"ddim_spacing must be one of {DDIM_SPACINGS}, got {spacing!r}")
+    top = num_timesteps - 1
+    frac = torch.linspace(1.0, 0.0, steps, dtype=torch.float64)
+    if spacing == "uniform":
+        return (frac * top).round().long()
+    if spacing == "quadratic":
+        levels = (frac**2 * top).round().long()
+    else:
+        if schedule is None:
+            raise ValueError("ddim_spacing='karras' places the steps by the schedule's sigmas: pass the schedule")
+        log_sigma = 0.5 * torch.log((1 - schedule.alphas_cumprod.double()) / schedule.alphas_cumprod.double())
+        lo, hi = log_sigma[0].exp() ** (1 / rho), log_sigma[top].exp() ** (1 / rho)
+        wanted = (rho * torch.log(lo + frac * (hi - lo))).unsqueeze(1)  # log of the grid's sigmas
+        levels = (log_sigma.unsqueeze(0) - wanted).abs().argmin(1)
+    out = levels.tolist()
+    for k in range(steps - 2, -1, -1):  # push equal neighbours apart, from the data end up
+        out[k] = max(out[k], out[k + 1] + 1)
+    return torch.tensor([min(t, top - k) for k, t in enumerate(out)], dtype=torch.long)
 
 
 @torch.no_grad()
@@ -232,15 +260,18 @@ def ddim_sample(
     time_shift_window: int = 0,
     time_shift_cutoff: int = 0,
     time_shift_data_var: float | None = None,
+    spacing: str = "uniform",
 ):
     """Song et al. 2021 eq. 12; eta=0 is the deterministic DDIM, eta=1 matches DDPM's posterior variance.
+
+    `spacing` picks the levels visited (ddim_timesteps: uniform, quadratic, karras).
 
     callback / return_trajectory as in ancestral_sample (trajectory of `steps` states). With
     time_shift_window > 0 each step denoises x at its shifted level s (Li et al. 2024's TS-DDIM, see
     shift_levels), searched within +-window of the nominal level but above the next nominal level, and the
     DDIM update goes from abar_s to the nominal next level.
     """
-    timesteps = ddim_timesteps(schedule.num_timesteps, steps).tolist()
+    timesteps = ddim_timesteps(schedule.num_timesteps, steps, spacing, schedule).tolist()
     abar = schedule.alphas_cumprod
     watch = _Trajectory(callback, return_trajectory)
     shift = _TimeShift(schedule, time_shift_window, time_shift_cutoff, time_shift_data_var)
@@ -288,6 +319,7 @@ class DDPM(DiffusionModule):
         time_shift_window: int = 0,
         time_shift_cutoff: int = 0,
         time_shift_data_var: float | None = None,
+        ddim_spacing: str = "uniform",
     ):
         super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised)
         if prediction not in PREDICTIONS:
@@ -315,6 +347,8 @@ class DDPM(DiffusionModule):
         self.time_shift_window = int(time_shift_window)
         self.time_shift_cutoff = int(time_shift_cutoff)
         self.time_shift_data_var = time_shift_data_var
+        ddim_timesteps(num_timesteps, 1, ddim_spacing, self.schedule)  # refuse an unknown spacing at build time
+        self.ddim_spacing = ddim_spacing
 
     @property
     def num_timesteps(self) -> int:
@@ -372,8 +406,9 @@ class DDPM(DiffusionModule):
         eps_scale: float | None = None,
         time_shift_window: int | None = None,
         callback: StepCallback | None = None,
+        ddim_spacing: str | None = None,
     ) -> torch.Tensor:
-        """eps_scale / time_shift_window override the module's settings for this call (None: the module's)."""
+        """eps_scale / time_shift_window / ddim_spacing override the module's settings for this call (None: the module's)."""
         cond = self.check_cond(cond, num_samples)
         sampler = sampler or self.sampler
         x_T = self.prior_noise(num_samples, generator) if x_T is None else x_T
@@ -391,7 +426,16 @@ class DDPM(DiffusionModule):
             eta = self.eta if eta is None else eta
             return ddim_sample(
                 eps_fn, self.schedule, x_T, steps or self.sample_steps, eta, self.clip_denoised, generator, progress,
-                callback=callback, **shift,
+                callback=callback, spacing=ddim_spacing or self.ddim_spacing, **shift,
+            )
+        if sampler == "dpmpp_2m":
+            from lightning_modules.dpm_solver import dpm_solver_2m_sample  # it builds on this file's helpers
+
+            if shift["time_shift_window"]:
+                raise ValueError("time_shift_window applies to the ancestral and ddim samplers, not dpmpp_2m: set it to 0")
+            return dpm_solver_2m_sample(
+                eps_fn, self.schedule, x_T, steps or self.sample_steps, self.clip_denoised, progress, callback=callback,
+                spacing=ddim_spacing or self.ddim_spacing,
             )
         raise ValueError(f"unknown sampler {sampler!r} for DDPM: use one of {SAMPLERS}")
 

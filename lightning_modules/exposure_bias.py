@@ -34,11 +34,12 @@ def measure_exposure_bias(
     eta: float | None = None,
     eps_scale: float | None = None,
     time_shift_window: int | None = None,
+    ddim_spacing: str | None = None,
 ) -> dict:
     """Exposure bias of `module`'s sampler on real data x0 (N, ...), per visited step and summed.
 
     Each row starts at x_T = q_sample(x0, T-1, z) and runs `sampler` ('ancestral' over all T levels or
-    'ddim' with `steps`, with the module's eta / Epsilon Scaling / time shift unless overridden) exactly as
+    'ddim' with `steps`, with the module's eta / Epsilon Scaling / time shift / DDIM spacing unless overridden) exactly as
     module.sample would. At each visited step i, with level t (averaged over rows when time shifting makes it
     differ) and D elements per sample:
 
@@ -77,13 +78,15 @@ def measure_exposure_bias(
     was_training = module.training
     module.eval()  # dropout off, as when sampling for real; restored below
     try:
-        _run(module, x0, x_T, cond, batch_size, sampler, steps, generator, eta, eps_scale, time_shift_window, forward_gen, sums)
+        _run(module, x0, x_T, cond, batch_size, sampler, steps, generator, forward_gen, sums,
+             dict(eta=eta, eps_scale=eps_scale, time_shift_window=time_shift_window, ddim_spacing=ddim_spacing))
     finally:
         module.train(was_training)
     return _summarise(module, sums, sampler, steps)
 
 
-def _run(module, x0, x_T, cond, batch_size, sampler, steps, generator, eta, eps_scale, time_shift_window, forward_gen, sums):
+def _run(module, x0, x_T, cond, batch_size, sampler, steps, generator, forward_gen, sums,
+             dict(eta=eta, eps_scale=eps_scale, time_shift_window=time_shift_window, ddim_spacing=ddim_spacing)):
     schedule, n, device = module.schedule, x0.shape[0], x0.device
 
     def add(i: int, key: str, value: torch.Tensor) -> None:
@@ -118,8 +121,7 @@ def _run(module, x0, x_T, cond, batch_size, sampler, steps, generator, eta, eps_
             add(i, "f2", _rows(x_fwd).pow(2).sum(0))
 
         module.sample(
-            x0_b.shape[0], cond=c_b, sampler=sampler, steps=steps, generator=generator, eta=eta, x_T=x_T[rows],
-            eps_scale=eps_scale, time_shift_window=time_shift_window, callback=watch,
+            x0_b.shape[0], cond=c_b, sampler=sampler, steps=steps, generator=generator, x_T=x_T[rows], callback=watch, **sample_kwargs,
         )
 
 

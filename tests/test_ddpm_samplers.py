@@ -77,6 +77,44 @@ def test_ddim_timesteps_start_at_pure_noise_and_end_at_zero():
         ddim_timesteps(1000, 0)
 
 
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic", "karras"])
+@pytest.mark.parametrize("T", [20, 1000])
+def test_every_ddim_spacing_gives_steps_strictly_decreasing_levels_from_T_minus_1_to_0(spacing, T):
+    schedule = DiscreteSchedule(make_betas("linear" if T == 1000 else "cosine", T))
+    for steps in sorted({1, 2, 3, 10, T // 2, T - 1, T}):
+        ts = ddim_timesteps(T, steps, spacing, schedule)
+        assert len(ts) == steps and ts[0] == T - 1 and (steps == 1 or ts[-1] == 0), (steps, ts.tolist())
+        assert (ts[:-1] > ts[1:]).all(), (steps, ts.tolist())
+    assert ddim_timesteps(T, T, spacing, schedule).tolist() == list(range(T - 1, -1, -1))
+
+
+def test_quadratic_and_karras_spacings_match_their_definitions():
+    schedule = DiscreteSchedule(make_betas("linear", 1000))
+    frac = [1 - k / 9 for k in range(10)]
+    assert ddim_timesteps(1000, 10, "quadratic").tolist() == [round(999 * f * f) for f in frac]
+    # karras: each level is the one whose sigma is nearest (in log) to Karras et al.'s rho = 7 grid
+    abar = schedule.alphas_cumprod.double()
+    log_sigma = 0.5 * torch.log((1 - abar) / abar)
+    lo, hi = math.exp(log_sigma[0] / 7), math.exp(log_sigma[999] / 7)
+    ts = ddim_timesteps(1000, 10, "karras", schedule).tolist()
+    for f, t in zip(frac, ts):
+        target = 7 * math.log(lo + f * (hi - lo))
+        assert (log_sigma[t] - target).abs() <= (log_sigma - target).abs().min() + 1e-12, (f, t)
+    assert ts[-2] < 50 and ts[1] > 900, ts  # rho = 7 puts steps at both ends, few in the middle
+    with pytest.raises(ValueError, match="pass the schedule"):
+        ddim_timesteps(1000, 10, "karras")
+    with pytest.raises(ValueError, match="ddim_spacing must be one of"):
+        ddim_timesteps(1000, 10, "log")
+
+
+@pytest.mark.parametrize("spacing", ["quadratic", "karras"])
+def test_ddim_on_other_spacings_reproduces_the_mixture(spacing):
+    schedule = DiscreteSchedule(make_betas("linear", 1000))
+    g = torch.Generator().manual_seed(1)
+    x = ddim_sample(analytic_eps(MIXTURE, schedule), schedule, torch.randn(N, 2, generator=g), steps=50, generator=g, spacing=spacing)
+    check_matches_mixture(x, MIXTURE, extra_rel_std=0.05)
+
+
 def test_ddim_eta0_is_deterministic_and_eta1_is_not():
     schedule = DiscreteSchedule(make_betas("linear", 100))
     eps_fn = analytic_eps(MIXTURE, schedule)
@@ -86,3 +124,50 @@ def test_ddim_eta0_is_deterministic_and_eta1_is_not():
     c = ddim_sample(eps_fn, schedule, x_T, steps=20, eta=1.0, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(a, b)
     assert (a - c).abs().max() > 1e-2
+
+
+def gaussian_eps(schedule: DiscreteSchedule, s: float):
+    """The exact eps for 1-D data N(0, s^2): x_t ~ N(0, abar s^2 + 1 - abar), eps = sqrt(1 - abar) x_t / var."""
+
+    def eps_fn(x, t):
+        abar = schedule.alphas_cumprod[t].double()[:, None]
+        return ((1 - abar).sqrt() * x.double() / (abar * s * s + 1 - abar)).float()
+
+    return eps_fn
+
+
+@pytest.mark.parametrize("schedule_name,T", [("linear", 1000), ("cosine", 100)])
+def test_dpm_solver_2m_is_closer_to_the_exact_ode_map_than_ddim_at_the_same_nfe(schedule_name, T):
+    """For Gaussian data the probability-flow ODE is linear: x_T = 1 lands at s / sqrt(abar_T s^2 + 1 - abar_T).
+    The second-order solver must cut DDIM's (first-order) error several times at 10 steps; a wrong extrapolation
+    coefficient (sign or ratio) makes it worse than DDIM instead."""
+    from lightning_modules.dpm_solver import dpm_solver_2m_sample
+
+    schedule, s = DiscreteSchedule(make_betas(schedule_name, T)), 0.1
+    eps_fn, x_T = gaussian_eps(schedule, s), torch.tensor([[1.0]])
+    a_T = schedule.alphas_cumprod[-1].double()
+    exact = (s / (a_T * s * s + 1 - a_T).sqrt()).item()
+    for spacing in ("uniform", "quadratic"):
+        ddim = ddim_sample(eps_fn, schedule, x_T, steps=10, spacing=spacing).item()
+        dpm = dpm_solver_2m_sample(eps_fn, schedule, x_T, steps=10, spacing=spacing).item()
+        assert abs(dpm - exact) < abs(ddim - exact) / 1.8, (spacing, exact, ddim, dpm)
+    quad = dpm_solver_2m_sample(eps_fn, schedule, x_T, steps=10, spacing="quadratic").item()
+    assert abs(quad - exact) < 0.1 * s, (exact, quad)
+
+
+def test_dpm_solver_2m_reproduces_the_mixture_and_uses_one_eval_per_step():
+    from lightning_modules.dpm_solver import dpm_solver_2m_sample
+
+    schedule = DiscreteSchedule(make_betas("linear", 1000))
+    calls, levels = [], []
+    eps = analytic_eps(MIXTURE, schedule)
+
+    def counted(x, t):
+        calls.append(1)
+        return eps(x, t)
+
+    g = torch.Generator().manual_seed(6)
+    x = dpm_solver_2m_sample(counted, schedule, torch.randn(N, 2, generator=g), steps=25, spacing="quadratic",
+                             callback=lambda i, t, x: levels.append(int(t[0])))
+    assert len(calls) == 25 and levels == ddim_timesteps(1000, 25, "quadratic").tolist()
+    check_matches_mixture(x, MIXTURE, extra_rel_std=0.05)
