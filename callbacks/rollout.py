@@ -34,7 +34,7 @@ class PolicyRollout(pl.Callback):
         if trainer.sanity_checking or not hasattr(trainer.datamodule, "make_env"):
             return
         self._val_count += 1
-        if self._val_count % self.every_n_val != 0:
+        if self.every_n_val <= 0 or self._val_count % self.every_n_val != 0:  # 0: no rollouts during training
             return
         from envs.policy import Policy
         from envs.runner import run_episodes

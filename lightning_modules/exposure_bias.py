@@ -85,8 +85,7 @@ def measure_exposure_bias(
     return _summarise(module, sums, sampler, steps)
 
 
-def _run(module, x0, x_T, cond, batch_size, sampler, steps, generator, forward_gen, sums,
-             dict(eta=eta, eps_scale=eps_scale, time_shift_window=time_shift_window, ddim_spacing=ddim_spacing)):
+def _run(module, x0, x_T, cond, batch_size, sampler, steps, generator, forward_gen, sums, sample_kwargs):
     schedule, n, device = module.schedule, x0.shape[0], x0.device
 
     def add(i: int, key: str, value: torch.Tensor) -> None:

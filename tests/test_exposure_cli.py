@@ -36,6 +36,18 @@ def test_exposure_bias_is_logged_and_evaluated(tmp_path):
     assert result["scales"] == [1.0, 1.05] and len(set(result["values"])) == 2  # the scale changes the samples
     assert result["best_value"] == min(result["values"]) and result["baseline_value"] == result["values"][0]
 
+    # the few-step solver options through evaluate.py: DPM-Solver++(2M) on the quadratic grid, measured the same way
+    solver = tmp_path / "solver.json"
+    run_cli("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "metric=exposure_bias", "sampler=dpmpp_2m",
+            "steps=5", "ddim_spacing=quadratic", "num_samples=64", f"out={solver}", "progress=false")
+    result = json.loads(solver.read_text())
+    T = 1000  # data=toy2d keeps model.num_timesteps
+    assert result["nfe"] == 5 and result["sampler"] == "dpmpp_2m"
+    assert [round(t) for t in result["per_step"]["t"]] == [round((T - 1) * (1 - k / 4) ** 2) for k in range(5)]
+    proc = run_cli("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "sampler=dpmpp_2m", "steps=5",
+                   "time_shift_window=3", "num_samples=64", f"out={tmp_path / 'bad.json'}", "progress=false", check=False)
+    assert proc.returncode != 0 and "not dpmpp_2m" in proc.stderr + proc.stdout
+
 
 @pytest.mark.slow
 def test_exposure_bias_refuses_methods_without_a_discrete_schedule(tmp_path):
