@@ -13,10 +13,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from lightning_modules.checkpoint import instantiate_datamodule, load_module
+from lightning_modules.checkpoint import instantiate_datamodule, load_module, sampling_options, sampling_tag
 
 DEFAULT_NUM_SAMPLES = {"fid": 50_000, "bpd": 512}
-SAMPLING_FIXES = ("eps_scale", "time_shift_window", "ddim_spacing")  # DDPM-family sampling options evaluate.py can override
 
 
 def held_out_data(datamodule, num: int) -> torch.Tensor:
@@ -96,7 +95,7 @@ def main(cfg: DictConfig) -> dict:
     if cfg.eps_scale_search:
         from evaluation.eps_scale import search_eps_scale
 
-        others = {k: v for k, v in sampling_fixes(cfg).items() if k != "eps_scale"}
+        others = {k: v for k, v in sampling_options(cfg).items() if k != "eps_scale"}
         search = search_eps_scale(module, metric, cfg.eps_scale_search, cfg.num_samples or 2000, cfg.sampler, cfg.steps, cfg.seed,
                                   cfg.batch_size, **others)
         for scale, value in zip(search["scales"], search["values"]):
@@ -109,7 +108,7 @@ def main(cfg: DictConfig) -> dict:
     num_samples = cfg.num_samples or DEFAULT_NUM_SAMPLES.get(metric.name, 2000)
     sampler = cfg.sampler or getattr(module, "sampler", None)
     kwargs = {"sampler": cfg.sampler, "steps": cfg.steps, **({"eta": cfg.eta} if cfg.eta is not None else {}),
-              **sampling_fixes(cfg)}
+              **sampling_options(cfg)}
     nfe = module.nfe(cfg.sampler, cfg.steps)
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -147,7 +146,7 @@ def evaluate_exposure_bias(cfg: DictConfig, module, ckpt, datamodule, device: st
     sampler = cfg.sampler or module.sampler
     x0 = held_out_data(datamodule, cfg.num_samples or 512).to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    fixes = sampling_fixes(cfg)
+    fixes = sampling_options(cfg)
     ex = measure_exposure_bias(module, x0, sampler, cfg.steps, generator, batch_size=cfg.batch_size, **fixes)
     metric = datamodule.make_metric()
     quality = {}
@@ -164,7 +163,7 @@ def evaluate_exposure_bias(cfg: DictConfig, module, ckpt, datamodule, device: st
         "samples_per_second": 0.0, "device": device,
     }
     result = write_result(cfg, result)
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"exposure_bias_{sampler}_{ex['nfe']:.0f}nfe.json"
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"exposure_bias_{sampler}_{ex['nfe']:.0f}nfe{sampling_tag(cfg)}.json"
     save_png(exposure_curve(ex, f"{sampler}, {ex['nfe']} NFE"), out.with_suffix(".png"))
     if quality:
         print(f"quality beside it: {quality['quality_metric']} = {quality['quality']:.4g} (floor {quality['quality_floor']:.4g})")
@@ -176,9 +175,9 @@ def evaluate_policy_checkpoint(cfg: DictConfig, device: str) -> dict:
     from envs.policy import load_policy
     from envs.runner import evaluate_policy
 
-    fixes = sampling_fixes(cfg)
+    fixes = sampling_options(cfg)
     policy, datamodule = load_policy(cfg.ckpt_path, cfg.sampler, cfg.steps, cfg.n_action_steps, device, cfg.seed, **fixes)
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"policy_{policy.nfe}nfe.json"
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"policy_{policy.sampler or getattr(policy.module, 'sampler', 'default')}_{policy.nfe}nfe{sampling_tag(cfg)}.json"
     video_dir = out.parent / f"{out.stem}_videos" if cfg.render else None
     result = evaluate_policy(policy, datamodule, cfg.num_episodes, cfg.first_seed, cfg.max_steps,
                              render_episodes=cfg.num_episodes if cfg.render else 0, video_dir=video_dir, progress=cfg.progress)
@@ -191,13 +190,8 @@ def evaluate_policy_checkpoint(cfg: DictConfig, device: str) -> dict:
     return result
 
 
-def sampling_fixes(cfg: DictConfig) -> dict:
-    """The DDPM-family sampling options set on the command line (eps_scale, time_shift_window, ddim_spacing)."""
-    return {k: cfg[k] for k in SAMPLING_FIXES if cfg.get(k) is not None}
-
-
 def write_result(cfg: DictConfig, result: dict) -> dict:
-    name = f"{result['metric']}_{str(result['sampler']).split()[0]}_{result['nfe']:.0f}nfe.json"
+    name = f"{result['metric']}_{str(result['sampler']).split()[0]}_{result['nfe']:.0f}nfe{sampling_tag(cfg)}.json"
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

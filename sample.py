@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from callbacks.visualize import save_png
-from lightning_modules.checkpoint import instantiate_datamodule, load_module
+from lightning_modules.checkpoint import instantiate_datamodule, load_module, sampling_options, sampling_tag
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
@@ -27,15 +27,14 @@ def main(cfg: DictConfig) -> Path:
     kwargs = {"sampler": cfg.sampler, "steps": cfg.steps}
     if cfg.eta is not None:
         kwargs["eta"] = cfg.eta
-    if cfg.get("ddim_spacing") is not None:
-        kwargs["ddim_spacing"] = cfg.ddim_spacing
+    kwargs.update(sampling_options(cfg))
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.perf_counter()
     x = module.sample_many(cfg.num_samples, cfg.batch_size, generator, progress=cfg.progress, **kwargs)
     seconds = time.perf_counter() - start
     nfe = module.nfe(cfg.sampler, cfg.steps)  # after sampling: adaptive ODE solvers know their NFE only then
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.ckpt_path).resolve().parent.parent / "samples" / f"{sampler}_{nfe}nfe"
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.ckpt_path).resolve().parent.parent / "samples" / f"{sampler}_{nfe}nfe{sampling_tag(cfg)}"
 
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(

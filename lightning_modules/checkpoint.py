@@ -11,6 +11,21 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_modules.base import DiffusionModule
 
 
+# DDPM-family sampling options that sample.py and evaluate.py take on the command line (null: the model's own)
+SAMPLING_OPTIONS = ("eps_scale", "time_shift_window", "ddim_spacing")
+
+
+def sampling_options(cfg: DictConfig) -> dict:
+    """The SAMPLING_OPTIONS set in a sample/evaluate config, as keyword arguments of `module.sample`."""
+    return {k: cfg[k] for k in SAMPLING_OPTIONS if cfg.get(k) is not None}
+
+
+def sampling_tag(cfg: DictConfig) -> str:
+    """A file-name suffix for the SAMPLING_OPTIONS set (e.g. '_ddim_spacing-quadratic'), so that default output
+    names of runs with different options do not overwrite each other."""
+    return "".join(f"_{k}-{v}" for k, v in sampling_options(cfg).items())
+
+
 def build_model(cfg: DictConfig, data_shape, cond_dim) -> DiffusionModule:
     """The net from cfg.net and the method from cfg.model, both sized by the datamodule."""
     data_shape = tuple(int(d) for d in data_shape)
