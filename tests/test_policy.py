@@ -142,13 +142,14 @@ def test_policy_refuses_an_environment_with_other_observations(tmp_path):
 def test_train_obstacle_policy_end_to_end_then_load_and_evaluate(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli("train.py", "data=obstacle2d", "data.num_episodes=40", "trainer.max_steps=40", "trainer.val_check_interval=20",
-                   "callbacks.rollout.num_episodes=2", "final_eval.num_episodes=3", "model.sample_steps=4", f"hydra.run.dir={run_dir}")
+                   "callbacks.rollout.num_episodes=2", "callbacks.rollout.every_n_val=2", "final_eval.num_episodes=3",
+                   "model.sample_steps=4", f"hydra.run.dir={run_dir}")
     assert "Policy:         mean max-reward" in proc.stdout
     metrics = (run_dir / "final" / "metrics.json").read_text()
     assert '"success_rate"' in metrics and '"latency_per_chunk_s"' in metrics
     assert list((run_dir / "rollouts").glob("step_*.gif"))
     ckpts = list((run_dir / "checkpoints").glob("best_step*_reward*.ckpt"))
-    assert ckpts, "the best checkpoint is chosen by rollout score"
+    assert [c.name.split("_reward")[0] for c in ckpts] == ["best_step0000040"], "chosen by rollout score, which step 20 lacks"
 
     # a checkpoint alone acts: normalizer, keys and horizons come from it
     policy, datamodule = load_policy(run_dir / "checkpoints" / "last.ckpt", steps=4)
@@ -158,9 +159,10 @@ def test_train_obstacle_policy_end_to_end_then_load_and_evaluate(tmp_path):
 
     out = tmp_path / "eval.json"
     proc = run_cli("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "metric=policy", "num_episodes=3",
-                   "steps=4", f"out={out}", "render=true", "progress=false", "eps_scale=1.01")
+                   "steps=4", f"out={out}", "render=true", "progress=false", "eps_scale=1.01", "sampler=dpmpp_2m")
     assert "mean max-reward" in proc.stdout and out.exists()
-    assert json.loads(out.read_text())["eps_scale"] == 1.01
+    result = json.loads(out.read_text())
+    assert result["eps_scale"] == 1.01 and result["sampler"] == "dpmpp_2m" and result["nfe"] == 4
     assert len(list((tmp_path / "eval_videos").glob("episode_*.gif"))) == 3
 
 
