@@ -1,14 +1,14 @@
 """Exposure bias: baseline DDPM, scheduled sampling (each roll-back), input perturbation, epsilon scaling and
 time-step shifting, on a 2-D toy and digits, for ancestral sampling (all T steps) and DDIM-10, over seeds; beside
-them the solver answer to few steps: DDIM-10 on the quadratic grid and DPM-Solver++(2M) at 10 NFE.
+them the solver answer to few steps: DDIM-10 on the quadratic grid and DPM-Solver++(2M) at 10 NFE on both grids.
 
     python benchmarks/exposure_bias.py --data toy2d --seeds 0 1 2
     python benchmarks/exposure_bias.py --data digits --seeds 0 1 2
     PUSHT_ZARR=/path/pusht_cchi_v7_replay.zarr python benchmarks/exposure_bias.py --data pusht --seeds 0
 
 On Push-T (`experiment=pusht_ddpm`, 8k steps, T=100) the quality figure is closed-loop: mean max-reward and
-success over 200 episodes (seeds 200000..200199), for DDIM and DPM-Solver++(2M) at 10 and 4 NFE (the few-step
-samplers a policy uses); the scheduled-sampling roll-back `sampler_step` is matched to DDIM-10's stride.
+success over 200 episodes (seeds 200000..200199), for DDIM and DPM-Solver++(2M, quadratic grid) at 10 and 4 NFE
+(the few-step samplers a policy uses); the scheduled-sampling roll-back `sampler_step` is matched to DDIM-10's stride.
 
 Every training run and every evaluation is a file under benchmarks/runs/eb_<data>_<variant>_s<seed>/ and is
 skipped when present, so a stopped benchmark resumes. The table (mean +- std over seeds of the quality
@@ -38,9 +38,12 @@ TRAINED = {  # variant: train.py overrides
 }
 SAMPLERS = {"ancestral": ["sampler=ancestral"], "ddim10": ["sampler=ddim", "steps=10"], "ddim4": ["sampler=ddim", "steps=4"],
             "ddim10_quadratic": ["sampler=ddim", "steps=10", "ddim_spacing=quadratic"],
-            "dpmpp2m10": ["sampler=dpmpp_2m", "steps=10"], "dpmpp2m4": ["sampler=dpmpp_2m", "steps=4"]}
-DEFAULT_SAMPLERS = {"toy2d": ["ancestral", "ddim10", "dpmpp2m10"], "digits": ["ancestral", "ddim10", "dpmpp2m10"],
-                    "pusht": ["ddim10", "ddim4", "dpmpp2m10", "dpmpp2m4"]}
+            "dpmpp2m10": ["sampler=dpmpp_2m", "steps=10"], "dpmpp2m4": ["sampler=dpmpp_2m", "steps=4"],
+            "dpmpp2m10_quadratic": ["sampler=dpmpp_2m", "steps=10", "ddim_spacing=quadratic"],
+            "dpmpp2m4_quadratic": ["sampler=dpmpp_2m", "steps=4", "ddim_spacing=quadratic"]}
+FEW_STEP = ["ddim10", "ddim10_quadratic", "dpmpp2m10", "dpmpp2m10_quadratic"]
+DEFAULT_SAMPLERS = {"toy2d": ["ancestral", *FEW_STEP], "digits": ["ancestral", *FEW_STEP],
+                    "pusht": ["ddim10", "ddim4", "dpmpp2m10_quadratic", "dpmpp2m4_quadratic"]}
 POLICY_EPISODES = ["metric=policy", "num_episodes=200", "first_seed=200000"]
 SAMPLING_FIXES = {"eps_scale_1.01": ["eps_scale=1.01"], "eps_scale_1.03": ["eps_scale=1.03"], "time_shift_5": ["time_shift_window=5"]}
 
