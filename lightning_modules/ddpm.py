@@ -217,7 +217,8 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform", sch
 
     uniform:   evenly spaced in t.
     quadratic: t_k = (T-1) (1 - k/(steps-1))^2, so the steps bunch up near the data (Song et al. 2021 used it for
-               CIFAR-10): with a linear schedule the last uniform steps each jump over most of the signal.
+               CIFAR-10): at 10 steps on the linear T=1000 schedule the uniform grid's last step goes from
+               noise std 0.36 (level 111) straight to the data, the quadratic one's from 0.05 (level 12).
     karras:    evenly spaced in sigma^(1/rho) between sigma_(T-1) and sigma_0, sigma_t = sqrt((1 - abar_t) / abar_t)
                (Karras et al. 2022's grid, rho = 7), each rounded to the nearest level in log sigma; needs `schedule`.
     Rounding can make neighbours equal; they are pushed apart by one level, so every grid has `steps` levels.
