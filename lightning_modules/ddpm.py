@@ -236,7 +236,7 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform", sch
     else:
         if schedule is None:
             raise ValueError("ddim_spacing='karras' places the steps by the schedule's sigmas: pass the schedule")
-        log_sigma = 0.5 * torch.log((1 - schedule.alphas_cumprod.double()) / schedule.alphas_cumprod.double())
+        log_sigma = schedule.log_sigmas()
         lo, hi = log_sigma[0].exp() ** (1 / rho), log_sigma[top].exp() ** (1 / rho)
         wanted = (rho * torch.log(lo + frac * (hi - lo))).unsqueeze(1)  # log of the grid's sigmas
         levels = (log_sigma.unsqueeze(0) - wanted).abs().argmin(1)
@@ -348,7 +348,8 @@ class DDPM(DiffusionModule):
         self.time_shift_window = int(time_shift_window)
         self.time_shift_cutoff = int(time_shift_cutoff)
         self.time_shift_data_var = time_shift_data_var
-        ddim_timesteps(num_timesteps, 1, ddim_spacing, self.schedule)  # refuse an unknown spacing at build time
+        if ddim_spacing not in DDIM_SPACINGS:
+            raise ValueError(f"model.ddim_spacing must be one of {DDIM_SPACINGS}, got {ddim_spacing!r}")
         self.ddim_spacing = ddim_spacing
 
     @property

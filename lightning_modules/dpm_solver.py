@@ -14,6 +14,8 @@ The last step, from level 0 to the data (sigma = 0, h infinite), is first order 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm.auto import tqdm
 
@@ -35,9 +37,10 @@ def dpm_solver_2m_sample(
 ):
     """`steps` net evaluations on the levels of ddim_timesteps(spacing); callback / return_trajectory as in ddim_sample."""
     timesteps = ddim_timesteps(schedule.num_timesteps, steps, spacing, schedule).tolist()
-    abar = schedule.alphas_cumprod.double()
-    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
-    lam = torch.log(alpha / sigma)
+    # Coefficients as Python floats, computed once on the host: no device sync inside the loop.
+    lam = (-schedule.log_sigmas()).tolist()  # lambda_t = log(alpha_t / sigma_t)
+    abar = schedule.alphas_cumprod.detach().double().cpu()
+    alpha, sigma = abar.sqrt().tolist(), (1 - abar).sqrt().tolist()
     watch = _Trajectory(callback, return_trajectory)
     x, x0_prev, h_prev = x_T, None, None
     for k, t in enumerate(tqdm(timesteps, disable=not progress, desc=f"dpm++2m-{steps}")):
@@ -48,11 +51,11 @@ def dpm_solver_2m_sample(
             x = x0
             break
         s = timesteps[k + 1]
-        h = (lam[s] - lam[t]).item()
+        h = lam[s] - lam[t]
         d = x0
         if x0_prev is not None:
             r = h_prev / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        x = (sigma[s] / sigma[t]).item() * x - (alpha[s] * torch.expm1(torch.tensor(-h, dtype=torch.float64))).item() * d
+        x = (sigma[s] / sigma[t]) * x - (alpha[s] * math.expm1(-h)) * d
         x0_prev, h_prev = x0, h
     return watch.result(x, return_trajectory)
