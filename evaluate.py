@@ -11,8 +11,11 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from difflab.cli import entry_keys, one_line_errors, writable_dir
+from difflab.config_checks import check_config, check_known_keys
+from difflab.errors import ConfigError
 from lightning_modules.checkpoint import instantiate_datamodule, load_module, sampling_options, sampling_tag
 
 DEFAULT_NUM_SAMPLES = {"fid": 50_000, "bpd": 512}
@@ -33,7 +36,7 @@ def held_out_data(datamodule, num: int) -> torch.Tensor:
 def evaluate_bpd(module, datamodule, cfg: DictConfig, device: str) -> dict:
     """Negative log-likelihood of held-out data in bits/dim through the probability-flow ODE (score SDEs)."""
     if not hasattr(module, "bits_per_dim"):
-        raise ValueError(f"metric=bpd needs a score-SDE checkpoint (model=vesde|vpsde|subvpsde); this is a {type(module).__name__}")
+        raise ConfigError(f"metric=bpd needs a score-SDE checkpoint (model=vesde|vpsde|subvpsde); this is a {type(module).__name__}")
     x = held_out_data(datamodule, cfg.num_samples or DEFAULT_NUM_SAMPLES["bpd"])
     num_levels = getattr(datamodule, "num_levels", None)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -60,24 +63,39 @@ def make_metric(name: str, datamodule, cfg: DictConfig, device: str):
         else:
             metric = datamodule.make_metric()
             if metric is None:
-                raise ValueError(f"{type(datamodule).__name__} has no quality metric: pass metric=... explicitly")
+                raise ConfigError(f"{type(datamodule).__name__} has no quality metric: pass metric=... explicitly")
             return metric
     if name == "fid":
         from evaluation.fid import InceptionFID
 
         if not getattr(datamodule, "fid_name", None):
-            raise ValueError(f"metric=fid needs an image dataset with real images; {type(datamodule).__name__} has none")
+            raise ConfigError(f"metric=fid needs an image dataset with real images; {type(datamodule).__name__} has none")
         datamodule.setup("fit")
         return InceptionFID(datamodule, inception_weights=cfg.inception_weights, device=device)
     metric = datamodule.make_metric()
     if metric is None or metric.name != name:
         have = metric.name if metric is not None else "none"
-        raise ValueError(f"metric={name!r} is not available for {type(datamodule).__name__} (it has: auto, {have}, and fid for images)")
+        raise ConfigError(f"metric={name!r} is not available for {type(datamodule).__name__} (it has: auto, {have}, and fid for images)")
     return metric
 
 
+METRICS = ("auto", "policy", "exposure_bias", "bpd", "fid", "digits_frechet", "sliced_w1")
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
+@one_line_errors
 def main(cfg: DictConfig) -> dict:
+    check_known_keys(cfg, entry_keys("evaluate"), "evaluate")
+    check_config(cfg, "evaluate")
+    if cfg.metric not in METRICS:
+        raise ConfigError(f"metric={cfg.metric!r} is not a metric: use one of {', '.join(METRICS)}")
+    search = cfg.eps_scale_search
+    if search is not None and (not OmegaConf.is_list(search) or not search or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in search)):
+        raise ConfigError(f"eps_scale_search={search} must be a list of positive scales, e.g. eps_scale_search=[1.0,1.005,1.01]")
+    # The result is written at the end: refuse an unwritable place before minutes of sampling are spent.
+    writable_dir(Path(cfg.out).expanduser().parent if cfg.out else Path(cfg.ckpt_path).expanduser().resolve().parent.parent / "eval",
+                 "out" if cfg.out else "the default out folder (<run>/eval); set out=")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if cfg.metric == "policy":
         return evaluate_policy_checkpoint(cfg, device)
@@ -85,6 +103,12 @@ def main(cfg: DictConfig) -> dict:
     datamodule = instantiate_datamodule(module.run_config)
     if hasattr(datamodule, "make_env") and cfg.metric == "auto":
         return evaluate_policy_checkpoint(cfg, device)
+    if hasattr(datamodule, "make_env"):
+        raise ConfigError(f"{cfg.ckpt_path} is a policy: score it with metric=policy (or metric=auto); metric={cfg.metric} needs "
+                          "an unconditional generative model")
+    if cfg.metric != "bpd":  # bpd integrates the probability-flow ODE whatever the sampler
+        module.check_sampling(cfg.sampler, steps=cfg.steps, **sampling_options(cfg),
+                              **({"eps_scale": 1.0} if search else {}))
     if cfg.metric == "exposure_bias":
         return evaluate_exposure_bias(cfg, module, ckpt, datamodule, device)
     if cfg.metric == "bpd":
@@ -107,8 +131,7 @@ def main(cfg: DictConfig) -> dict:
         return write_result(cfg, result)
     num_samples = cfg.num_samples or DEFAULT_NUM_SAMPLES.get(metric.name, 2000)
     sampler = cfg.sampler or getattr(module, "sampler", None)
-    kwargs = {"sampler": cfg.sampler, "steps": cfg.steps, **({"eta": cfg.eta} if cfg.eta is not None else {}),
-              **sampling_options(cfg)}
+    kwargs = {"sampler": cfg.sampler, "steps": cfg.steps, **sampling_options(cfg)}
     nfe = module.nfe(cfg.sampler, cfg.steps)
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -142,7 +165,7 @@ def evaluate_exposure_bias(cfg: DictConfig, module, ckpt, datamodule, device: st
     from lightning_modules.exposure_bias import measure_exposure_bias
 
     if not hasattr(module, "schedule"):
-        raise ValueError(f"metric=exposure_bias needs a DDPM-family checkpoint (ddpm, scheduled_sampling); this is a {type(module).__name__}")
+        raise ConfigError(f"metric=exposure_bias needs a DDPM-family checkpoint (ddpm, scheduled_sampling); this is a {type(module).__name__}")
     sampler = cfg.sampler or module.sampler
     x0 = held_out_data(datamodule, cfg.num_samples or 512).to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -14,27 +14,51 @@ import torch
 from omegaconf import DictConfig
 
 from callbacks.visualize import save_png
+from difflab.cli import entry_keys, one_line_errors, writable_dir
+from difflab.config_checks import check_config, check_known_keys
+from difflab.errors import ConfigError
 from lightning_modules.checkpoint import instantiate_datamodule, load_module, sampling_options, sampling_tag
+
+SAMPLE_HINT = "Sampler settings for this call are sampler=, steps=, eta=, ddim_spacing=, eps_scale=, time_shift_window=. "
+
+
+def policy_error(path) -> ConfigError:
+    return ConfigError(
+        f"{path} is a policy (trained on demonstrations): its samples are action chunks given observations, which "
+        f"sample.py has none of. Score it closed-loop with `python evaluate.py ckpt_path={path} metric=policy`, or act "
+        "with `from envs.policy import load_policy; policy, datamodule = load_policy(path)` (README: Diffusion policies)"
+    )
+
+
+def sampling_kwargs(cfg: DictConfig, module) -> dict:
+    """The sampler options of this call, after the method refused any it does not take."""
+    kwargs = sampling_options(cfg)
+    module.check_sampling(cfg.sampler, steps=cfg.steps, **kwargs)
+    return {"sampler": cfg.sampler, "steps": cfg.steps, **kwargs}
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
+@one_line_errors
 def main(cfg: DictConfig) -> Path:
+    check_known_keys(cfg, entry_keys("sample"), "sample", SAMPLE_HINT)
+    check_config(cfg, "sample")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     module, ckpt = load_module(cfg.ckpt_path, map_location=device)
     datamodule = instantiate_datamodule(module.run_config)
+    if hasattr(datamodule, "make_env"):
+        raise policy_error(cfg.ckpt_path)
+    kwargs = sampling_kwargs(cfg, module)
     sampler = cfg.sampler or getattr(module, "sampler", None)
     steps = cfg.steps or getattr(module, "sample_steps", None)
-    kwargs = {"sampler": cfg.sampler, "steps": cfg.steps}
-    if cfg.eta is not None:
-        kwargs["eta"] = cfg.eta
-    kwargs.update(sampling_options(cfg))
+    samples_root = Path(cfg.ckpt_path).resolve().parent.parent / "samples"
+    writable_dir(cfg.out_dir or samples_root, "out_dir" if cfg.out_dir else f"the default out_dir ({samples_root}); set out_dir=")
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.perf_counter()
     x = module.sample_many(cfg.num_samples, cfg.batch_size, generator, progress=cfg.progress, **kwargs)
     seconds = time.perf_counter() - start
     nfe = module.nfe(cfg.sampler, cfg.steps)  # after sampling: adaptive ODE solvers know their NFE only then
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.ckpt_path).resolve().parent.parent / "samples" / f"{sampler}_{nfe}nfe{sampling_tag(cfg)}"
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else samples_root / f"{sampler}_{nfe}nfe{sampling_tag(cfg)}"
 
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(

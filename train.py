@@ -9,6 +9,7 @@ import functools
 import inspect
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -17,10 +18,16 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.periodic import SMOKE_EPISODE_STEPS, SMOKE_SAMPLES
 from callbacks.sample_logger import log_image
 from callbacks.visualize import save_png
+from difflab.checkpoint_io import SafeCheckpointIO
+from difflab.cli import one_line_errors, print_error, resume_command
+from difflab.config_checks import check_config
+from difflab.errors import MissingFileError
 from lightning_modules.checkpoint import build_model, check_compatible, read_checkpoint
 
 log = logging.getLogger("train")
@@ -65,8 +72,11 @@ def final_policy_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Tra
     from envs.runner import evaluate_policy
 
     module = module.to(trainer.strategy.root_device).eval()
-    policy = Policy.from_datamodule(module, datamodule, sampler=cfg.final_eval.sampler, steps=cfg.final_eval.steps, seed=cfg.final_eval.seed)
-    result = evaluate_policy(policy, datamodule, cfg.final_eval.num_episodes, cfg.final_eval.seed, render_episodes=1, video_dir=out_dir)
+    smoke = bool(trainer.fast_dev_run)  # a config check: one short episode with the cheapest sampler
+    sampling = dict(module.quick_sampling) if smoke else {"sampler": cfg.final_eval.sampler, "steps": cfg.final_eval.steps}
+    policy = Policy.from_datamodule(module, datamodule, seed=cfg.final_eval.seed, **sampling)
+    result = evaluate_policy(policy, datamodule, 1 if smoke else cfg.final_eval.num_episodes, cfg.final_eval.seed,
+                             SMOKE_EPISODE_STEPS if smoke else None, render_episodes=1, video_dir=out_dir)
     result.update(global_step=trainer.global_step, metric="mean_max_reward", value=result["mean_max_reward"])
     result["samples_png"] = result.pop("videos", ["-"])[0]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -83,10 +93,14 @@ def final_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Trainer, o
         return final_policy_evaluation(cfg, module, datamodule, trainer, out_dir)
     module.eval()
     sampler, steps = cfg.final_eval.sampler, cfg.final_eval.steps
+    num_samples = cfg.final_eval.num_samples
+    if trainer.fast_dev_run:  # a config check: a handful of samples with the cheapest sampler
+        sampler, steps = module.quick_sampling.get("sampler"), module.quick_sampling.get("steps")
+        num_samples = min(num_samples, SMOKE_SAMPLES)
     start = time.perf_counter()
     module = module.to(trainer.strategy.root_device)
     generator = torch.Generator(device=module.device).manual_seed(cfg.final_eval.seed)
-    x = module.sample_many(cfg.final_eval.num_samples, 1024, generator, sampler=sampler, steps=steps)
+    x = module.sample_many(num_samples, 1024, generator, sampler=sampler, steps=steps)
     seconds = time.perf_counter() - start
     out_dir.mkdir(parents=True, exist_ok=True)
     image = datamodule.render(x[:64] if datamodule.data_kind == "image" else x)
@@ -101,7 +115,12 @@ def final_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Trainer, o
         "global_step": trainer.global_step,
         "samples_png": str(png),
     }
-    metric = datamodule.make_metric()
+    try:
+        metric = datamodule.make_metric()
+    except MissingFileError as err:  # e.g. FID's Inception weights offline: the run's samples still count
+        metric = None
+        result["metric_skipped"] = " ".join(str(err).split())
+        log.warning(f"final quality figure skipped: {result['metric_skipped']}")
     if metric is not None:
         result["metric"] = metric.name
         result["value"] = float(metric(x))
@@ -116,7 +135,11 @@ def final_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Trainer, o
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@one_line_errors
 def main(cfg: DictConfig) -> dict | None:
+    check_config(cfg, "train")
+    if cfg.ckpt_path:  # before any data or net is built: a wrong path or another run's checkpoint fails at once
+        check_compatible(read_checkpoint(cfg.ckpt_path), cfg, cfg.ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = build_model(cfg, datamodule.data_shape, datamodule.cond_dim)
@@ -124,18 +147,23 @@ def main(cfg: DictConfig) -> dict | None:
     n_params = sum(p.numel() for p in model.net.parameters())
     log.info(f"{type(model).__name__} with {type(model.net).__name__}: {n_params / 1e6:.2f}M parameters; data shape {datamodule.data_shape}")
 
-    if cfg.ckpt_path:
-        check_compatible(read_checkpoint(cfg.ckpt_path), cfg, cfg.ckpt_path)
-
     out_dir = Path(cfg.paths.output_dir)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")) or False)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")) or False,
+                                      plugins=[SafeCheckpointIO()])
     apply_speed_settings(cfg, model, trainer)
     for logger in trainer.loggers:
         logger.log_hyperparams({**_flat(model.run_config), "net.num_params": n_params})
 
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except SIGTERMException:  # Lightning's own stop at an epoch end after SIGTERM; the checkpoint callback saved first
+        pass
     train_seconds = time.perf_counter() - start
+    ckpt_cb = trainer.checkpoint_callback
+    if getattr(ckpt_cb, "interrupted", None):
+        stop_after_interrupt(ckpt_cb, trainer)
+    model.check_diverged()
     if not trainer.is_global_zero:
         return None
 
@@ -145,7 +173,6 @@ def main(cfg: DictConfig) -> dict | None:
     result["final_train_loss"] = float(train_loss) if train_loss is not None else None
     (out_dir / "final" / "metrics.json").write_text(json.dumps(result, indent=2))
 
-    ckpt_cb = trainer.checkpoint_callback
     lines = [
         f"Run directory:  {out_dir}",
         f"Checkpoints:    {ckpt_cb.last_model_path or '-'} (last), {ckpt_cb.best_model_path or '-'} (best {ckpt_cb.monitor})" if ckpt_cb else "Checkpoints:    none (no ModelCheckpoint callback)",
@@ -158,9 +185,24 @@ def main(cfg: DictConfig) -> dict | None:
                      f"{result['latency_per_chunk_s'] * 1000:.1f} ms per chunk")
     elif "value" in result:
         lines.append(f"Quality:        {result['metric']} = {result['value']:.4g} (floor {result['floor']:.4g}, {result['num_samples']} samples)")
+    elif "metric_skipped" in result:
+        lines.append(f"Quality:        skipped ({result['metric_skipped'][:160]}...)")
     lines += [f"Metrics:        {out_dir / 'final' / 'metrics.json'}", f"TensorBoard:    tensorboard --logdir {out_dir}"]
     print("\n" + "\n".join(lines))
     return result
+
+
+def stop_after_interrupt(ckpt_cb, trainer: pl.Trainer) -> None:
+    """After Ctrl-C or SIGTERM: say where the checkpoint is and how to resume; exit 130 (SIGINT) or 143 (SIGTERM)."""
+    code = 143 if ckpt_cb.interrupted == "SIGTERM" else 130
+    if trainer.is_global_zero:
+        if ckpt_cb.interrupt_path:
+            print(f"\nInterrupted ({ckpt_cb.interrupted}) at step {trainer.global_step}; saved {ckpt_cb.interrupt_path}\n"
+                  f"Resume with:  {resume_command(ckpt_cb.interrupt_path, trainer.default_root_dir)}", file=sys.stderr, flush=True)
+        else:
+            print_error(f"interrupted ({ckpt_cb.interrupted}) at step {trainer.global_step}; no checkpoint was saved "
+                        "(checkpoints are off under fast_dev_run or without save_last)")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

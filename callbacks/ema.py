@@ -15,12 +15,13 @@ import contextlib
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from difflab.errors import ConfigError
 
 
 class EMA(WeightAveraging):
     def __init__(self, decay: float = 0.9999, warmup: bool = True, update_every_n_steps: int = 1, start_step: int = 0):
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+            raise ConfigError(f"EMA decay must be in [0, 1), got {decay}")
         super().__init__(use_buffers=True, multi_avg_fn=self._lerp)
         self.decay = decay
         self.warmup = warmup

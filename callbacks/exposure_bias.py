@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.ema import ema_weights
+from callbacks.periodic import EveryNValidations
 from callbacks.sample_logger import log_image
 from callbacks.visualize import agg_figure, figure_rgb, save_png
 
@@ -39,20 +40,17 @@ def exposure_curve(result: dict, title: str = "") -> np.ndarray:
     return figure_rgb(fig)
 
 
-class ExposureBias(pl.Callback):
+class ExposureBias(EveryNValidations):
     """Every `every_n_val` validations: exposure/delta_sum, exposure/mean_ratio and the curve, on `num_samples`
     held-out examples with the EMA weights. Skipped for methods without a discrete schedule."""
 
     def __init__(self, num_samples: int = 128, every_n_val: int = 1, sampler: str | None = None, steps: int | None = None, seed: int = 3):
-        self.num_samples, self.every_n_val = num_samples, every_n_val
+        super().__init__(every_n_val)
+        self.num_samples = num_samples
         self.sampler, self.steps, self.seed = sampler, steps, seed
-        self._val_count = 0
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not hasattr(pl_module, "schedule") or self.every_n_val <= 0:
-            return
-        self._val_count += 1
-        if self._val_count % self.every_n_val == 0:
+        if hasattr(pl_module, "schedule") and self.due(trainer):
             self._measure(trainer, pl_module)
 
     @rank_zero_only
@@ -60,13 +58,14 @@ class ExposureBias(pl.Callback):
         from lightning_modules.exposure_bias import measure_exposure_bias
 
         dataset = trainer.datamodule.dataset("val")
-        batch = dataset[torch.arange(min(self.num_samples, len(dataset)))]
+        batch = dataset[torch.arange(min(self.count(trainer, self.num_samples), len(dataset)))]
         x0 = batch["x"].to(pl_module.device)
         cond = batch.get("cond")
-        sampler = self.sampler or pl_module.sampler
+        sampling = self.sampling(trainer, pl_module, self.sampler, self.steps)
+        sampler = sampling.get("sampler") or pl_module.sampler
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         with ema_weights(trainer, pl_module):
-            result = measure_exposure_bias(pl_module, x0, sampler, self.steps, generator,
+            result = measure_exposure_bias(pl_module, x0, sampler, sampling.get("steps"), generator,
                                            cond=None if cond is None else cond.to(pl_module.device))
         for logger in trainer.loggers:
             logger.log_metrics({"exposure/delta_sum": result["delta_sum"], "exposure/mean_ratio": result["mean_ratio"],

@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 
 from callbacks.ema import ema_weights
+from callbacks.periodic import EveryNValidations
 
 
 def shard_size(total: int, world_size: int, rank: int) -> int:
@@ -47,19 +48,18 @@ def measure(trainer: pl.Trainer, pl_module, metric, num_samples: int, seed: int,
     return metric(x) if trainer.is_global_zero else None
 
 
-class QualityMetric(pl.Callback):
+class QualityMetric(EveryNValidations):
     """Every `every_n_val` validations: `quality/<metric>` from `num_samples` EMA samples (total over ranks)."""
 
     def __init__(self, num_samples: int = 512, every_n_val: int = 1, sampler: str | None = None, steps: int | None = None,
                  seed: int = 1, batch_size: int = 1000):
+        super().__init__(every_n_val)
         self.num_samples = num_samples
-        self.every_n_val = every_n_val
         self.sampler = sampler
         self.steps = steps
         self.seed = seed
         self.batch_size = batch_size
         self.metric = None
-        self._val_count = 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Built at start so a missing resource (Inception weights) fails before any training time is spent.
@@ -69,17 +69,17 @@ class QualityMetric(pl.Callback):
                 self.metric.to(pl_module.device)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.metric is None:
+        if self.metric is None or not self.due(trainer):
             return
-        self._val_count += 1
-        if self._val_count % self.every_n_val != 0:
-            return
-        value = measure(trainer, pl_module, self.metric, self.num_samples, self.seed, self.batch_size, sampler=self.sampler, steps=self.steps)
+        # Under fast_dev_run too few samples for a meaningful figure (FID needs 2+): the pipeline is what is checked.
+        num_samples = max(self.count(trainer, self.num_samples), 2)
+        sampling = self.sampling(trainer, pl_module, self.sampler, self.steps)
+        value = measure(trainer, pl_module, self.metric, num_samples, self.seed, self.batch_size, **sampling)
         if trainer.is_global_zero and value is not None:
             name = self.metric.name
-            logged = {f"quality/{name}": value, f"quality/{name}_nfe": pl_module.nfe(self.sampler, self.steps)}
+            logged = {f"quality/{name}": value, f"quality/{name}_nfe": pl_module.nfe(sampling.get("sampler"), sampling.get("steps"))}
             if not hasattr(self.metric, "update"):
                 # cheap for digits/toys; FID's floor needs 10k held-out images through Inception: see evaluate.py
-                logged[f"quality/{name}_floor"] = self.metric.floor(self.num_samples)
+                logged[f"quality/{name}_floor"] = self.metric.floor(num_samples)
             for logger in trainer.loggers:
                 logger.log_metrics(logged, step=trainer.global_step)

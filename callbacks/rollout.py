@@ -12,47 +12,48 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.ema import ema_weights
+from callbacks.periodic import SMOKE_EPISODE_STEPS, EveryNValidations
 from callbacks.quality import shard_size
 from callbacks.visualize import log_gif, save_gif
 
 
-class PolicyRollout(pl.Callback):
+class PolicyRollout(EveryNValidations):
     def __init__(self, num_episodes: int = 10, every_n_val: int = 1, seed: int = 0, max_steps: int | None = None,
                  sampler: str | None = None, steps: int | None = None, render_episodes: int = 1, render_size: int = 96):
+        super().__init__(every_n_val)
         self.num_episodes = num_episodes
-        self.every_n_val = every_n_val
         self.seed = seed
         self.max_steps = max_steps
         self.sampler, self.steps = sampler, steps
         self.render_episodes = render_episodes
         self.render_size = render_size
-        self._val_count = 0
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not hasattr(trainer.datamodule, "make_env"):
-            return
-        self._val_count += 1
-        if self.every_n_val <= 0 or self._val_count % self.every_n_val != 0:  # 0: no rollouts during training
+        if not hasattr(trainer.datamodule, "make_env") or not self.due(trainer):  # every_n_val=0: no rollouts in training
             return
         from envs.policy import Policy
         from envs.runner import run_episodes
 
         rank, world = trainer.global_rank, trainer.world_size
-        first = sum(shard_size(self.num_episodes, world, r) for r in range(rank))
-        seeds = [self.seed + first + i for i in range(shard_size(self.num_episodes, world, rank))]
+        num_episodes = max(self.count(trainer, self.num_episodes) // 4, 1) if trainer.fast_dev_run else self.num_episodes
+        max_steps = SMOKE_EPISODE_STEPS if trainer.fast_dev_run else self.max_steps
+        first = sum(shard_size(num_episodes, world, r) for r in range(rank))
+        seeds = [self.seed + first + i for i in range(shard_size(num_episodes, world, rank))]
         datamodule = trainer.datamodule
         render = self.render_episodes if trainer.is_global_zero else 0
         with ema_weights(trainer, pl_module):
-            policy = Policy.from_datamodule(pl_module, datamodule, sampler=self.sampler, steps=self.steps, seed=self.seed + rank)
-            results = run_episodes(policy, lambda: datamodule.make_env(self.render_size), seeds, self.max_steps, render)
+            policy = Policy.from_datamodule(pl_module, datamodule, seed=self.seed + rank,
+                                            **self.sampling(trainer, pl_module, self.sampler, self.steps))
+            results = run_episodes(policy, lambda: datamodule.make_env(self.render_size), seeds, max_steps, render)
         totals = torch.tensor(
             [sum(r["max_reward"] for r in results), sum(r["success"] for r in results), sum(r["length"] for r in results)],
             dtype=torch.float64, device=pl_module.device,
         )
         totals = trainer.strategy.reduce(totals, reduce_op="sum") if world > 1 else totals
-        n = float(self.num_episodes)
+        n = float(num_episodes)
         pl_module.log_dict(
             {"rollout/mean_max_reward": totals[0].item() / n, "rollout/success_rate": totals[1].item() / n,
              "rollout/mean_length": totals[2].item() / n},
@@ -62,5 +63,5 @@ class PolicyRollout(pl.Callback):
             frames = results[0]["frames"]
             save_gif(frames, Path(trainer.default_root_dir) / "rollouts" / f"step_{trainer.global_step:07d}.gif")
             for logger in trainer.loggers:
-                if hasattr(getattr(logger, "experiment", None), "_get_file_writer"):
+                if isinstance(logger, TensorBoardLogger):  # under fast_dev_run the loggers are Lightning's dummies
                     log_gif(logger.experiment, "rollout/episode", frames, trainer.global_step)

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.ema import ema_weights
+from callbacks.periodic import EveryNValidations
 from callbacks.visualize import save_png
 
 
@@ -19,29 +20,28 @@ def log_image(trainer: pl.Trainer, tag: str, image, step: int) -> None:
             experiment.add_image(tag, image, step, dataformats="HWC")
 
 
-class SampleLogger(pl.Callback):
+class SampleLogger(EveryNValidations):
     """Every `every_n_val` validations: a grid/scatter of `num_samples` from fixed noise (so frames are comparable)."""
 
     def __init__(self, num_samples: int = 64, every_n_val: int = 1, sampler: str | None = None, steps: int | None = None, seed: int = 0):
+        super().__init__(every_n_val, first=True)
         self.num_samples = num_samples
-        self.every_n_val = every_n_val
         self.sampler = sampler
         self.steps = steps
         self.seed = seed
-        self._val_count = 0
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or getattr(pl_module, "cond_dim", None) is not None:
+        if getattr(pl_module, "cond_dim", None) is not None:
             return
-        self._val_count += 1
-        if (self._val_count - 1) % self.every_n_val == 0:
+        if self.due(trainer):
             self._draw(trainer, pl_module)
 
     @rank_zero_only
     def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         with ema_weights(trainer, pl_module):
-            x = pl_module.sample(self.num_samples, sampler=self.sampler, steps=self.steps, generator=generator)
+            x = pl_module.sample(self.count(trainer, self.num_samples), generator=generator,
+                                 **self.sampling(trainer, pl_module, self.sampler, self.steps))
         image = trainer.datamodule.render(x)
         log_image(trainer, "samples", image, trainer.global_step)
         out_dir = Path(trainer.default_root_dir) / "samples"

@@ -7,6 +7,23 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.resumable import resumable_loader
+from difflab.errors import ConfigError, DataError
+
+
+def check_finite(name: str, array, where: str = "") -> None:
+    """Refuse data with NaN or inf, naming the key and the first bad row: it would train a NaN model and the
+    error would surface much later, blaming the learning rate."""
+    values = torch.as_tensor(array) if not isinstance(array, torch.Tensor) else array
+    if not values.is_floating_point():
+        return
+    bad_rows = (~torch.isfinite(values.reshape(len(values), -1))).any(dim=1).nonzero()
+    if len(bad_rows):
+        row = int(bad_rows[0])
+        shown = np.array2string(values[row].reshape(-1)[:8].cpu().numpy(), precision=4, separator=", ")
+        raise DataError(f"{where}{name} has non-finite values in {len(bad_rows)} of {len(values)} rows (first: row {row} = "
+                        f"{shown}{' ...' if values[row].numel() > 8 else ''}): repair or drop those rows; nothing was trained")
+
 
 def collate_dict(batch):
     """TensorDictDataset already returns whole batches: pass them through."""
@@ -39,8 +56,11 @@ class ArrayDataModule(pl.LightningDataModule):
     data_kind = "image"  # 'image' | 'points' | 'trajectory': how samples are rendered
     num_levels: int | None = None  # discrete intensity levels (dequantisation for bits/dim); None: continuous data
 
-    def __init__(self, batch_size: int = 128, num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False):
+    def __init__(self, batch_size: int = 128, num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
+                 shuffle_seed: int | None = None):
         super().__init__()
+        # null: the run's seed (torch's initial seed after seed_everything); resumes restore it from the checkpoint
+        self.shuffle_seed = shuffle_seed
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -66,6 +86,8 @@ class ArrayDataModule(pl.LightningDataModule):
             if split not in self._splits:
                 data = self.load_split(split)
                 data = data if isinstance(data, dict) else {"x": data}
+                for key, value in data.items():
+                    check_finite(f"'{key}'", value, f"{type(self).__name__}, {split} split: ")
                 self._splits[split] = TensorDictDataset(**data)
 
     def dataset(self, split: str) -> TensorDictDataset:
@@ -73,20 +95,12 @@ class ArrayDataModule(pl.LightningDataModule):
         return self._splits[split]
 
     def _loader(self, split: str, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            collate_fn=collate_dict,
-        )
+        return resumable_loader(self, self.dataset(split), shuffle, drop_last, train=split == "train", num_workers=self.num_workers,
+                                pin_memory=self.pin_memory, persistent_workers=self.persistent_workers, collate_fn=collate_dict)
 
     def train_dataloader(self) -> DataLoader:
         if len(self.dataset("train")) < self.batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.batch_size={self.batch_size} is larger than the training set ({len(self.dataset('train'))}); lower it"
             )
         return self._loader("train", shuffle=True, drop_last=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from datamodules.images import ImageDataModule, ImageDataset
+from difflab.errors import ConfigError, DataError, MissingFileError
 
 IMAGE_FOLDER = "img_align_celeba"
 PARTITION_FILE = "list_eval_partition.txt"
@@ -28,10 +29,10 @@ def find_celeba(root: Path) -> Path | None:
     return None
 
 
-def missing_celeba_error(root: Path, cause: str = "") -> FileNotFoundError:
+def missing_celeba_error(root: Path, cause: str = "") -> MissingFileError:
     candidates = [root / "celeba" / IMAGE_FOLDER, root / "celeba" / PARTITION_FILE, root / IMAGE_FOLDER, root / PARTITION_FILE]
     found = [str(path) for path in candidates if path.exists()] or "neither"
-    return FileNotFoundError(
+    return MissingFileError(
         f"CelebA not found: expected {IMAGE_FOLDER}/ (the 202,599 aligned 178x218 JPEGs) and {PARTITION_FILE} "
         f"together in {root / 'celeba'} (or directly in {root}); found: {found}. {cause}"
         f"Get 'Align&Cropped Images' (img_align_celeba.zip) and 'Eval/{PARTITION_FILE}' from {HOMEPAGE} "
@@ -50,7 +51,7 @@ def read_partition(path: Path) -> dict[str, list[str]]:
         if not fields:
             continue
         if len(fields) != 2 or fields[1] not in split_of:
-            raise ValueError(f"{path}, line {number}: expected '<image name> <0|1|2>', got {line!r}")
+            raise DataError(f"{path}, line {number}: expected '<image name> <0|1|2>', got {line!r}")
         names[split_of[fields[1]]].append(fields[0])
     return names
 
@@ -103,7 +104,7 @@ class CelebADataModule(ImageDataModule):
         super().__init__(root, download, batch_size, random_flip, num_workers, pin_memory, persistent_workers)
         self.inception_weights = inception_weights
         if not 0 < crop_size <= 178:  # torchvision pads a crop larger than the image with black
-            raise ValueError(f"data.crop_size must be in (0, 178] (the aligned images are 178x218), got {crop_size}")
+            raise ConfigError(f"data.crop_size must be in (0, 178] (the aligned images are 178x218), got {crop_size}")
         self.resolution = resolution
         self.crop_size = crop_size
         self.data_shape = (3, resolution, resolution)
@@ -134,7 +135,7 @@ class CelebADataModule(ImageDataModule):
         present = set(os.listdir(images))
         missing = [name for split in names.values() for name in split if name not in present]
         if missing:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{len(missing)} of the images listed in {folder / PARTITION_FILE} are missing from {images} "
                 f"(first: {missing[:3]}). Extract img_align_celeba.zip completely; if the images sit one folder "
                 f"deeper ({IMAGE_FOLDER}/{IMAGE_FOLDER}/, as in the Kaggle archive), move them up."

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from datamodules.images import ImageDataModule, ImageDataset
+from difflab.errors import ConfigError, DataError, MissingFileError
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -22,8 +23,8 @@ TEST_FILES = ["test_batch"]
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
-def missing_cifar10_error(root: Path, missing: list[str], cause: str = "") -> FileNotFoundError:
-    return FileNotFoundError(
+def missing_cifar10_error(root: Path, missing: list[str], cause: str = "") -> MissingFileError:
+    return MissingFileError(
         f"CIFAR-10 not found: expected the python batches {TRAIN_FILES + TEST_FILES} in {root / FOLDER} "
         f"(missing: {missing}). {cause}Either run with data.download=true (needs internet), or download {URL} "
         f"and extract it into {root} (it unpacks to {FOLDER}/), or set data.root to the folder that contains {FOLDER}/."
@@ -40,13 +41,13 @@ def read_cifar10_batches(folder: Path, names: list[str]) -> torch.Tensor:
                 # The batches are Python 2 pickles: latin1 turns their str into what numpy expects.
                 entry = pickle.load(f, encoding="latin1")
         except (pickle.UnpicklingError, EOFError, ValueError) as err:
-            raise ValueError(f"{path} is not a readable CIFAR-10 python batch ({err}); delete it and download {URL} again") from None
+            raise DataError(f"{path} is not a readable CIFAR-10 python batch ({err}); delete it and download {URL} again") from None
         if not isinstance(entry, dict):
-            raise ValueError(f"{path}: expected a pickled dict with 'data', got {type(entry).__name__}")
+            raise DataError(f"{path}: expected a pickled dict with 'data', got {type(entry).__name__}")
         entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
         data = np.asarray(entry.get("data"))
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(f"{path}: expected 'data' as uint8 (N, 3072), got {data.dtype} {data.shape}; is this another data set?")
+            raise DataError(f"{path}: expected 'data' as uint8 (N, 3072), got {data.dtype} {data.shape}; is this another data set?")
         arrays.append(data)
     # Each row is three 32x32 planes (R, G, B), each row-major.
     return torch.from_numpy(np.concatenate(arrays).reshape(-1, 3, 32, 32))
@@ -117,7 +118,7 @@ class CIFAR10DataModule(ImageDataModule):
         self._official = {"train": read_cifar10_batches(folder, TRAIN_FILES), "test": read_cifar10_batches(folder, TEST_FILES)}
         train = self._official["train"]
         if not 0 <= self.val_size < len(train):
-            raise ValueError(f"data.val_size must be in [0, {len(train)}), got {self.val_size}")
+            raise ConfigError(f"data.val_size must be in [0, {len(train)}), got {self.val_size}")
         order = np.random.default_rng(self.split_seed).permutation(len(train))
         val_idx, train_idx = sorted(order[: self.val_size].tolist()), sorted(order[self.val_size :].tolist())
         self._splits = {

@@ -9,6 +9,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from datamodules.resumable import resumable_loader
+from difflab.errors import ConfigError
+
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 pixels 0..255 -> float in [-1, 1] (the DDPM scaling)."""
@@ -81,22 +84,18 @@ class ImageDataModule(pl.LightningDataModule):
             raise ValueError(f"split must be one of {sorted(self._splits)}, got {split!r}")
         return self._splits[split]
 
-    def _loader(self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False, persistent: bool = True) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and persistent,
-        )
+    def _loader(self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False, persistent: bool = True,
+                train: bool = False) -> DataLoader:
+        # The order resumes exactly (seeded per epoch, Lightning-stateful); the flips come from the worker RNGs,
+        # which restart on resume.
+        return resumable_loader(self, dataset, shuffle, drop_last, train, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                persistent_workers=self.persistent_workers and persistent)
 
     def train_dataloader(self) -> DataLoader:
         train = self.dataset("train")
         if len(train) < self.batch_size:  # drop_last would silently give an empty epoch
-            raise ValueError(f"data.batch_size={self.batch_size} is larger than the training set ({len(train)}); lower it")
-        return self._loader(train, shuffle=True, drop_last=True)
+            raise ConfigError(f"data.batch_size={self.batch_size} is larger than the training set ({len(train)}); lower it")
+        return self._loader(train, shuffle=True, drop_last=True, train=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("val"))

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from datamodules.base import check_finite
+from difflab.errors import DataError, MissingFileError
+
 
 class ReplayBuffer:
     """`data[key]` has one row per step; episode i is rows episode_ends[i-1]:episode_ends[i]."""
@@ -59,16 +62,27 @@ class ReplayBuffer:
 
         path = Path(path).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"replay buffer {path} does not exist. {hint}".strip())
-        root = zarr.open_group(str(path), mode="r")
-        have = sorted(root["data"].array_keys()) if "data" in root else []
-        if "meta" not in root or "episode_ends" not in root["meta"]:
-            raise ValueError(f"{path} is not a replay buffer: it needs meta/episode_ends and data/<key> arrays (it has data keys {have})")
+            raise MissingFileError(f"replay buffer {path} does not exist. {hint}".strip())
+        layout = "it must be a zarr v2 group with meta/episode_ends and data/<key> arrays (Diffusion Policy's replay-buffer layout)"
+        try:
+            root = zarr.open_group(str(path), mode="r")
+            have = sorted(root["data"].array_keys()) if "data" in root else []
+            has_ends = "meta" in root and "episode_ends" in root["meta"]
+        except Exception as err:  # not a zarr store at all: an empty folder, a file, another format
+            raise DataError(f"{path} is not a replay buffer ({type(err).__name__}): {layout}. {hint}".strip()) from None
+        if not has_ends:
+            raise DataError(f"{path} is not a replay buffer: {layout} (it has data keys {have}). {hint}".strip())
         keys = have if keys is None else list(keys)
         missing = [k for k in keys if k not in have]
         if missing:
-            raise KeyError(f"{path} has no data/{missing[0]}; its keys are {have}")
-        return cls({k: np.asarray(root["data"][k][:]) for k in keys}, np.asarray(root["meta"]["episode_ends"][:]))
+            raise DataError(f"{path} has no data/{missing[0]}; its keys are {have}")
+        data = {k: np.asarray(root["data"][k][:]) for k in keys}
+        for key, value in data.items():
+            check_finite(f"data/{key}", value.reshape(len(value), -1) if value.ndim else value, f"{path}: ")
+        try:
+            return cls(data, np.asarray(root["meta"]["episode_ends"][:]))
+        except ValueError as err:
+            raise DataError(f"{path}: {err}") from None
 
     def save(self, path: str | Path) -> Path:
         """Write in zarr v2 (readable by Diffusion Policy's code); atomic: a crash never leaves half a buffer."""

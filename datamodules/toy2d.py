@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from datamodules.base import ArrayDataModule
+from difflab.errors import ConfigError
 
 
 def _swiss_roll(n: int, g: torch.Generator) -> torch.Tensor:
@@ -52,7 +53,7 @@ TOY_DISTRIBUTIONS = {
 
 def sample_toy(name: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     if name not in TOY_DISTRIBUTIONS:
-        raise ValueError(f"unknown toy distribution {name!r}: data.name must be one of {sorted(TOY_DISTRIBUTIONS)}")
+        raise ConfigError(f"unknown toy distribution {name!r}: data.name must be one of {sorted(TOY_DISTRIBUTIONS)}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     return TOY_DISTRIBUTIONS[name](n, generator).float()
 
@@ -65,7 +66,7 @@ class Toy2DDataModule(ArrayDataModule):
     def __init__(self, name: str = "swiss_roll", num_train: int = 20000, num_val: int = 2000, seed: int = 0, batch_size: int = 256, num_workers: int = 0):
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         if name not in TOY_DISTRIBUTIONS:
-            raise ValueError(f"unknown toy distribution {name!r}: data.name must be one of {sorted(TOY_DISTRIBUTIONS)}")
+            raise ConfigError(f"unknown toy distribution {name!r}: data.name must be one of {sorted(TOY_DISTRIBUTIONS)}")
         self.name = name
         self.num_train = num_train
         self.num_val = num_val

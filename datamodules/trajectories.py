@@ -15,6 +15,7 @@ import torch
 from datamodules.base import ArrayDataModule
 from datamodules.normalizer import MinMaxNormalizer
 from datamodules.replay_buffer import ReplayBuffer, split_episodes, window_indices
+from difflab.errors import ConfigError
 
 
 class TrajectoryDataModule(ArrayDataModule):
@@ -42,7 +43,7 @@ class TrajectoryDataModule(ArrayDataModule):
         self.obs_keys = list(obs_keys)
         unknown = [k for k in self.obs_keys if k not in self.env_obs_dims]
         if not self.obs_keys or unknown:
-            raise ValueError(f"data.obs_keys={self.obs_keys}: unknown {unknown}; {type(self).__name__} observes {self.env_obs_dims}")
+            raise ConfigError(f"data.obs_keys={self.obs_keys}: unknown {unknown}; {type(self).__name__} observes {self.env_obs_dims}")
         if not 1 <= n_obs_steps <= horizon or not 1 <= n_action_steps <= horizon - n_obs_steps + 1:
             raise ValueError(
                 f"need 1 <= n_obs_steps ({n_obs_steps}) <= horizon ({horizon}) and the executed actions "

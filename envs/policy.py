@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from datamodules.normalizer import MinMaxNormalizer
+from difflab.errors import CheckpointError
 
 
 class Policy:
@@ -104,10 +105,12 @@ def load_policy(path, sampler: str | None = None, steps: int | None = None, n_ac
     module, ckpt = load_module(path, map_location=device)
     datamodule = instantiate_datamodule(module.run_config)
     if not hasattr(datamodule, "make_env"):
-        raise ValueError(f"{path} was trained on {type(datamodule).__name__}, not on demonstrations: it is not a policy")
+        raise CheckpointError(f"{path} was trained on {type(datamodule).__name__}, not on demonstrations: it is not a policy "
+                              "(sample it with sample.py, score it with evaluate.py's default metric)")
     state = ckpt.get(type(datamodule).__qualname__)
     if state is None:
-        raise ValueError(f"{path} has no normalizer ({type(datamodule).__qualname__} entry): it was not saved by train.py on trajectory data")
+        raise CheckpointError(f"{path} has no normalizer ({type(datamodule).__qualname__} entry): it was not saved by train.py on trajectory data")
+    module.check_sampling(sampler, steps=steps, **sample_kwargs)
     datamodule.load_state_dict(state)
     policy = Policy.from_datamodule(module, datamodule, n_action_steps=n_action_steps, sampler=sampler, steps=steps, seed=seed,
                                     sample_kwargs=sample_kwargs)

@@ -105,6 +105,13 @@ def _train(val_fraction: float, seed: int, epochs: int) -> tuple[DigitsClassifie
     # weights independent of the core count.
     num_threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # fork_rng: training it (once per cache) must not move the caller's RNG, or a run that happens to train it
+    # would draw other noise than its resumed copy, which finds it cached.
+    with torch.random.fork_rng(devices=[]):
+        return _train_seeded(x_train, y_train, x_val, y_val, epochs, num_threads)
+
+
+def _train_seeded(x_train, y_train, x_val, y_val, epochs: int, num_threads: int) -> tuple[DigitsClassifier, float]:
     try:
         torch.manual_seed(TRAIN_SEED)
         gen = torch.Generator().manual_seed(TRAIN_SEED)

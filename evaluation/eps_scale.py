@@ -7,16 +7,17 @@ the same noise for each (so the comparison is paired), lowest figure wins.
 from __future__ import annotations
 
 import torch
+from difflab.errors import ConfigError
 
 
 def search_eps_scale(module, metric, scales, num_samples: int, sampler: str | None = None, steps: int | None = None,
                      seed: int = 0, batch_size: int = 1000, **sample_kwargs) -> dict:
     """sample_kwargs (e.g. ddim_spacing, time_shift_window) go to every sampling call unchanged."""
     if not hasattr(module, "schedule"):
-        raise ValueError(f"eps scaling applies to DDPM-family models; this is a {type(module).__name__}")
+        raise ConfigError(f"eps scaling applies to DDPM-family models; this is a {type(module).__name__}")
     scales = [float(s) for s in scales]
     if not scales or min(scales) <= 0:
-        raise ValueError(f"eps_scale_search needs positive scales, e.g. [1.0,1.005,1.01,1.02], got {scales}")
+        raise ConfigError(f"eps_scale_search needs positive scales, e.g. [1.0,1.005,1.01,1.02], got {scales}")
     values = []
     for scale in scales:
         generator = torch.Generator(device=module.device).manual_seed(seed)

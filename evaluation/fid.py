@@ -15,12 +15,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from difflab.errors import MissingFileError
+
 from evaluation.digits_classifier import default_cache_dir
 from evaluation.frechet import atomic_write
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
 REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+NO_FID_HINT = "To train without FID, pass callbacks.quality=null (samples and checkpoints are unaffected)."
 
 
 def find_inception_weights(path: str | os.PathLike | None = None) -> str | None:
@@ -30,7 +35,7 @@ def find_inception_weights(path: str | os.PathLike | None = None) -> str | None:
         if candidate and Path(candidate).is_file():
             return str(candidate)
     if path:
-        raise FileNotFoundError(f"Inception weights not found at {path} (expected torch-fidelity's {INCEPTION_FILE})")
+        raise MissingFileError(f"Inception weights not found at {path} (expected torch-fidelity's {INCEPTION_FILE}). {NO_FID_HINT}")
     return None
 
 
@@ -43,11 +48,12 @@ def inception_feature_extractor(weights_path: str | None = None) -> nn.Module:
     try:
         return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=local)
     except Exception as err:  # offline download failure surfaces as URLError/OSError/RuntimeError
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"FID needs torch-fidelity's Inception weights ({INCEPTION_FILE}, ~91 MB) and could not load or download "
             f"them ({type(err).__name__}: {err}). Download {INCEPTION_URL} on a machine with internet and either put it in "
             f"{Path(torch.hub.get_dir()) / 'checkpoints'} or pass its path (callbacks.quality / evaluate.py: "
-            "inception_weights=PATH, or set DIFFLAB_INCEPTION=PATH). No other network is substituted for it."
+            "inception_weights=PATH, or set DIFFLAB_INCEPTION=PATH). No other network is substituted for it. "
+            f"{NO_FID_HINT}"
         ) from err
 
 

@@ -14,10 +14,28 @@ import numpy as np
 import torch
 from torch import nn
 
+from difflab.errors import ConfigError, TrainingDiverged
+
 VAL_SEED = 12345  # validation noise is fixed so val/loss is comparable across steps
+
+# Which methods take the sampling options sample.py / evaluate.py / policies pass, for the refusal message.
+OPTION_OWNERS = {
+    "steps": "every method but bc_mse",
+    "eta": "the DDPM family's ddim sampler (model=ddpm, scheduled_sampling)",
+    "ddim_spacing": "the DDPM family's ddim and dpmpp_2m samplers",
+    "eps_scale": "the DDPM family (model=ddpm, scheduled_sampling)",
+    "time_shift_window": "the DDPM family's ancestral and ddim samplers",
+}
 
 
 class DiffusionModule(pl.LightningModule):
+    sampler: str = ""  # the default sampler (a method's config sets it)
+    # The options each sampler takes beyond num_samples/cond/generator (what sample.py, evaluate.py and policies
+    # may pass); check_sampling refuses the others by name instead of ignoring them.
+    sampler_options: dict[str, tuple[str, ...]] = {}
+    # The cheapest valid setting, for trainer.fast_dev_run (a config check, not a figure).
+    quick_sampling: dict = {}
+
     def __init__(
         self,
         net: nn.Module,
@@ -47,6 +65,25 @@ class DiffusionModule(pl.LightningModule):
     def nfe(self, sampler: str | None = None, steps: int | None = None) -> int:
         """Network evaluations per sample for a sampler setting (reported beside every quality figure)."""
         raise NotImplementedError
+
+    def check_sampling(self, sampler: str | None = None, **options) -> str:
+        """The sampler to use, after refusing options it does not take (None values are "not given")."""
+        name = type(self).__name__
+        sampler = sampler or self.sampler
+        if sampler not in self.sampler_options:
+            raise ConfigError(f"sampler={sampler!r} is not a sampler of {name}: use one of {', '.join(self.sampler_options)}")
+        for key, value in options.items():
+            if value is None or key in self.sampler_options[sampler]:
+                continue
+            takers = [s for s, opts in self.sampler_options.items() if key in opts]
+            if takers:
+                raise ConfigError(f"{key}= applies to {name}'s {' and '.join(takers)} sampler{'s' * (len(takers) > 1)}, not to "
+                                  f"sampler={sampler}: drop {key}= or pick sampler={takers[0]}")
+            owners = OPTION_OWNERS.get(key, "no method")
+            raise ConfigError(f"{key}= is not an option of {name} (its samplers take: "
+                              f"{', '.join(sorted({o for opts in self.sampler_options.values() for o in opts})) or 'nothing'}); "
+                              f"{key}= applies to {owners}")
+        return sampler
 
     @torch.no_grad()
     def sample_many(
@@ -88,14 +125,34 @@ class DiffusionModule(pl.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # A finiteness check costs a device sync, so do it only when Lightning logs anyway.
+        # Record the first step whose loss is not finite without a device sync (a flag tensor on the device);
+        # read it when Lightning logs anyway and before any checkpoint is written.
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        if getattr(self, "_first_nonfinite", None) is None or self._first_nonfinite.device != loss.device:
+            self._first_nonfinite = torch.full((), -1, device=loss.device, dtype=torch.long)
+            self._step_on_device = torch.full((), self.global_step, device=loss.device, dtype=torch.long)
+        elif self.global_step != self._step_on_host:
+            self._step_on_device += self.global_step - self._step_on_host  # a scalar kernel argument: no copy, no sync
+        self._step_on_host = self.global_step
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._first_nonfinite = torch.where((self._first_nonfinite < 0) & bad, self._step_on_device, self._first_nonfinite)
         if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            if loss is not None and not torch.isfinite(loss).all():
-                raise FloatingPointError(
-                    f"training loss is {loss.item()} at step {self.global_step}: lower model.optimizer.lr, "
-                    "keep trainer.gradient_clip_val set (1.0), or use trainer.precision=32-true if bf16/fp16 overflowed"
-                )
+            self.check_diverged()
+
+    def check_diverged(self) -> None:
+        """Stop with TrainingDiverged if any training loss so far was NaN or inf."""
+        first = getattr(self, "_first_nonfinite", None)
+        if first is None or int(first) < 0:
+            return
+        from difflab.checkpoint_io import divergence_message
+
+        trainer = self.trainer
+        io = getattr(trainer.strategy, "checkpoint_io", None)
+        raise TrainingDiverged(divergence_message(io if hasattr(io, "last_saved") else None,
+                                                  "the training loss first went non-finite there", int(first),
+                                                  getattr(trainer, "ckpt_path", None)))
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = torch.Generator(device=self.device).manual_seed(VAL_SEED + batch_idx)
@@ -125,6 +182,8 @@ class DiffusionModule(pl.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None:
+            self.check_diverged()  # never store the weights of a run whose loss went non-finite
         checkpoint["difflab"] = {
             "config": self.run_config,
             "data_shape": list(self.data_shape),
@@ -141,11 +200,16 @@ class DiffusionModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("rng_states")
+        # Applied at on_train_start, right before the first resumed step: whatever Lightning does between loading
+        # and training (building loaders, prefetching a batch) then cannot shift the streams the loss draws from.
+        self._rng_to_restore = checkpoint.get("rng_states")
+        self._resumed_step = int(checkpoint.get("global_step", 0))
+
+    def on_train_start(self) -> None:
+        states, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
         if states is None:
             return
-        world_size = self.trainer.world_size if self._trainer is not None else 1
-        if world_size == 1:
+        if self.trainer.world_size == 1:
             torch.set_rng_state(states["torch"])
             kind, keys, pos, has_gauss, gauss = states["numpy"]
             np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -154,4 +218,4 @@ class DiffusionModule(pl.LightningModule):
                 torch.cuda.set_rng_state_all(states["cuda"])
         else:
             # Only rank 0's state is saved: ranks must not share one stream, so derive a distinct one per rank.
-            pl.seed_everything(int(checkpoint.get("global_step", 0)) * 1000 + self.global_rank, workers=True, verbose=False)
+            pl.seed_everything(self._resumed_step * 1000 + self.global_rank, workers=True, verbose=False)

@@ -13,16 +13,18 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.base import DiffusionModule
+from difflab.errors import ConfigError
 
 
 class BCMSE(DiffusionModule):
+    sampler_options = {"direct": ()}
     sampler = "direct"
     sample_steps = 1
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.cond_dim is None:
-            raise ValueError("model=bc_mse regresses actions from observations: it needs demonstration data (data=obstacle2d or data=pusht)")
+            raise ConfigError("model=bc_mse regresses actions from observations: it needs demonstration data (data=obstacle2d or data=pusht)")
 
     def predict(self, cond: torch.Tensor, num_samples: int) -> torch.Tensor:
         x = torch.zeros((num_samples, *self.data_shape), device=self.device)

@@ -8,11 +8,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from difflab.errors import CheckpointError, MissingFileError
 from lightning_modules.base import DiffusionModule
 
 
 # DDPM-family sampling options that sample.py and evaluate.py take on the command line (null: the model's own)
-SAMPLING_OPTIONS = ("eps_scale", "time_shift_window", "ddim_spacing")
+SAMPLING_OPTIONS = ("eta", "eps_scale", "time_shift_window", "ddim_spacing")
 
 
 def sampling_options(cfg: DictConfig) -> dict:
@@ -34,32 +35,58 @@ def build_model(cfg: DictConfig, data_shape, cond_dim) -> DiffusionModule:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise MissingFileError(f"ckpt_path={path} is a directory: pass a .ckpt file in it, e.g. {path / 'checkpoints' / 'last.ckpt'}"
+                               if (path / "checkpoints").is_dir() else f"ckpt_path={path} is a directory, not a checkpoint file")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (runs save theirs under logs/train/<run>/checkpoints/)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "difflab" not in ckpt or not ckpt["difflab"].get("config"):
-        raise ValueError(
+        raise MissingFileError(f"checkpoint {path} does not exist (runs save theirs under logs/train/<run>/checkpoints/)")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is not a readable checkpoint: it is empty (0 bytes, an interrupted copy or save); "
+                              "use another checkpoint of the run (its best_*.ckpt) or retrain")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, a pickle of other objects, a text file, ...
+        why = " ".join(str(err).split())
+        why = why.split(" Weights only load failed")[0].split(". Check the documentation")[0][:200]
+        raise CheckpointError(f"{path} is not a readable checkpoint ({size} bytes): {type(err).__name__}: {why}. "
+                              "It may be truncated or not a torch checkpoint; use another checkpoint of the run") from None
+    if not isinstance(ckpt, dict) or "difflab" not in ckpt or not ckpt["difflab"].get("config"):
+        raise CheckpointError(
             f"{path} was not written by this project's train.py (it has no 'difflab' entry with the run config); "
             "train with `python train.py ...` and use the .ckpt it saves"
         )
     return ckpt
 
 
+def _data_name(config) -> str:
+    target = str(config.get("_target_", "?")).rsplit(".", 1)[-1]
+    return target.replace("DataModule", "").lower() or "?"
+
+
 def check_compatible(ckpt: dict, cfg: DictConfig, path: str | Path) -> None:
-    """Refuse to resume a run of another method or net with a clear message instead of a state_dict error."""
+    """Refuse to resume a run of other data, another method or net with a clear message instead of a state_dict
+    error. Data first: a data config also picks the net (data=toy2d switches to the MLP), so a missing data=
+    would otherwise be blamed on net=."""
     saved = OmegaConf.create(ckpt["difflab"]["config"])
+    if saved.get("data") is not None and cfg.data.get("_target_") != saved.data.get("_target_"):
+        raise CheckpointError(f"checkpoint {path} was trained on data={_data_name(saved.data)} ({saved.data.get('_target_')}), "
+                              f"this run's config has data={_data_name(cfg.data)}: pass data={_data_name(saved.data)} "
+                              "(and the other settings of the original run) to resume it")
     for group in ("model", "net"):
         want, have = cfg[group].get("_target_"), saved[group].get("_target_")
         if want != have:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {path} is a {group} '{have}', but this run's config builds '{want}': "
                 f"pass the same {group}=... the checkpoint was trained with"
             )
     net_now = OmegaConf.to_container(cfg.net, resolve=True)
     net_then = OmegaConf.to_container(saved.net, resolve=True)
     if net_now != net_then:
-        raise ValueError(f"checkpoint {path} has net settings {net_then}, this run has {net_now}: use the same net.* values")
+        differ = sorted(k for k in set(net_now) | set(net_then) if net_now.get(k) != net_then.get(k))
+        raise CheckpointError(f"checkpoint {path} has net settings {net_then}, this run has {net_now} (they differ in "
+                              f"{', '.join(f'net.{k}' for k in differ)}): use the same net.* values")
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[DiffusionModule, dict]:

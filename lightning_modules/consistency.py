@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from lightning_modules.base import DiffusionModule
 from lightning_modules.edm import EDMPrecond, heun_step, karras_sigmas
 from lightning_modules.teachers import Teacher, load_teacher
+from difflab.errors import ConfigError
 
 MODES = ("distill", "train")
 LOSSES = ("l2", "pseudo_huber")
@@ -119,6 +120,9 @@ def _has_dropout(net: nn.Module) -> bool:
 class ConsistencyModel(DiffusionModule):
     """Consistency distillation (mode=distill, from a teacher checkpoint) or improved consistency training (mode=train)."""
 
+    sampler_options = {"cm": ("steps",)}
+    quick_sampling = {"sampler": "cm", "steps": 1}
+
     def __init__(
         self,
         net,
@@ -149,28 +153,28 @@ class ConsistencyModel(DiffusionModule):
     ):
         super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised)
         if mode not in MODES:
-            raise ValueError(f"model.mode must be one of {MODES}, got {mode!r}")
+            raise ConfigError(f"model.mode must be one of {MODES}, got {mode!r}")
         loss = loss or ("l2" if mode == "distill" else "pseudo_huber")
         # CD: 0.95 (the CM paper's ImageNet-64 / LSUN value; its CIFAR-10 run used 0, but on the 2-D toys 0.95 is
         # far more stable); iCT: 0, a stop-gradient copy (its analysis shows an EMA target biases CT).
         mu = (0.95 if mode == "distill" else 0.0) if mu is None else mu
         if loss == "lpips":
-            raise ValueError(
+            raise ConfigError(
                 "model.loss=lpips is not available: LPIPS needs pretrained VGG/AlexNet weights, which this project "
                 "does not ship or download; use model.loss=l2 or model.loss=pseudo_huber"
             )
         if loss not in LOSSES:
-            raise ValueError(f"model.loss must be one of {LOSSES}, got {loss!r}")
+            raise ConfigError(f"model.loss must be one of {LOSSES}, got {loss!r}")
         if sampler not in SAMPLERS:
-            raise ValueError(f"model.sampler must be one of {SAMPLERS}, got {sampler!r}")
+            raise ConfigError(f"model.sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < model.sigma_min < model.sigma_max, got {sigma_min}, {sigma_max}")
         if not 0.0 <= mu < 1.0:
-            raise ValueError(f"model.mu (the target network's EMA decay) must be in [0, 1), got {mu}")
+            raise ConfigError(f"model.mu (the target network's EMA decay) must be in [0, 1), got {mu}")
         if num_scales < 2 or s0 < 1 or s1 < s0:
             raise ValueError(f"need model.num_scales >= 2 and 1 <= model.s0 <= model.s1, got {num_scales}, {s0}, {s1}")
         if sigma_data <= 0 or p_std <= 0 or sample_steps < 1:
-            raise ValueError(f"model.sigma_data, model.p_std and model.sample_steps must be positive, got {sigma_data}, {p_std}, {sample_steps}")
+            raise ConfigError(f"model.sigma_data, model.p_std and model.sample_steps must be positive, got {sigma_data}, {p_std}, {sample_steps}")
         if mode == "train" and teacher_ckpt:
             rank_zero_warn(f"model.mode=train trains without a teacher: model.teacher_ckpt={teacher_ckpt} is ignored")
         self.mode = mode
@@ -215,7 +219,7 @@ class ConsistencyModel(DiffusionModule):
             return
         s = self.cm_sigmas
         if not s or any(b >= a for a, b in zip(s, s[1:])) or s[-1] <= self.sigma_min or s[0] > self.sigma_max * (1 + 1e-6):
-            raise ValueError(
+            raise ConfigError(
                 f"model.cm_sigmas={s} must be strictly decreasing within (sigma_min, sigma_max] = "
                 f"({self.sigma_min:.4g}, {self.sigma_max:.4g}] (usually starting at sigma_max)"
             )
@@ -233,7 +237,7 @@ class ConsistencyModel(DiffusionModule):
         if trainer is not None and trainer.max_steps is not None and trainer.max_steps > 0:
             return int(trainer.max_steps)
         if self.total_steps is None:
-            raise ValueError("model.mode=train grows N over training: set trainer.max_steps or model.total_steps")
+            raise ConfigError("model.mode=train grows N over training: set trainer.max_steps or model.total_steps")
         return self.total_steps
 
     def num_scales_at(self, step: int) -> int:
@@ -284,9 +288,9 @@ class ConsistencyModel(DiffusionModule):
         teacher = self.__dict__.get("_teacher")
         if teacher is None:
             if self.mode != "distill":
-                raise ValueError("model.mode=train uses no teacher")
+                raise ConfigError("model.mode=train uses no teacher")
             if not self.teacher_ckpt:
-                raise ValueError(
+                raise ConfigError(
                     "model.mode=distill needs a teacher: pass model.teacher_ckpt=PATH (a .ckpt of model=edm, vesde, vpsde "
                     "or ddpm written by train.py on the same data), or use model.mode=train (consistency training, no teacher)"
                 )
@@ -299,7 +303,7 @@ class ConsistencyModel(DiffusionModule):
         lo, hi = self.sigma_min, self.sigma_max
         new_lo, new_hi = max(lo, teacher.sigma_min), min(hi, teacher.sigma_max)
         if new_lo >= new_hi:
-            raise ValueError(f"the teacher covers sigma in [{teacher.sigma_min:.4g}, {teacher.sigma_max:.4g}], which misses "
+            raise ConfigError(f"the teacher covers sigma in [{teacher.sigma_min:.4g}, {teacher.sigma_max:.4g}], which misses "
                              f"model.sigma_min..sigma_max = [{lo:.4g}, {hi:.4g}]")
         if (new_lo, new_hi) != (lo, hi):
             rank_zero_warn(
@@ -428,7 +432,7 @@ class ConsistencyModel(DiffusionModule):
     def _sampler(self, sampler: str | None) -> str:
         sampler = sampler or self.sampler
         if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r} for a consistency model: use one of {SAMPLERS}")
+            raise ConfigError(f"unknown sampler {sampler!r} for a consistency model: use one of {SAMPLERS}")
         return sampler
 
     def nfe(self, sampler: str | None = None, steps: int | None = None) -> int:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from lightning_modules.base import DiffusionModule
 from lightning_modules.schedules import DiscreteSchedule, extract, make_betas
+from difflab.errors import ConfigError
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # callback(i, t, x_t): step counter, the (B,) levels x_t is about to be denoised at, the state itself
@@ -224,7 +225,7 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform", sch
     Rounding can make neighbours equal; they are pushed apart by one level, so every grid has `steps` levels.
     """
     if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
+        raise ConfigError(f"steps must be in [1, {num_timesteps}] (model.num_timesteps), got {steps}")
     if spacing not in DDIM_SPACINGS:
         raise ValueError(f"ddim_spacing must be one of {DDIM_SPACINGS}, got {spacing!r}")
     top = num_timesteps - 1
@@ -235,7 +236,7 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform", sch
         levels = (frac**2 * top).round().long()
     else:
         if schedule is None:
-            raise ValueError("ddim_spacing='karras' places the steps by the schedule's sigmas: pass the schedule")
+            raise ConfigError("ddim_spacing='karras' places the steps by the schedule's sigmas: pass the schedule")
         log_sigma = schedule.log_sigmas()
         lo, hi = log_sigma[0].exp() ** (1 / rho), log_sigma[top].exp() ** (1 / rho)
         wanted = (rho * torch.log(lo + frac * (hi - lo))).unsqueeze(1)  # log of the grid's sigmas
@@ -296,6 +297,13 @@ def ddim_sample(
 class DDPM(DiffusionModule):
     """Denoising diffusion with a discrete schedule; the net sees the step index as its noise level."""
 
+    sampler_options = {
+        "ancestral": ("eps_scale", "time_shift_window"),  # all model.num_timesteps levels: no steps
+        "ddim": ("steps", "eta", "ddim_spacing", "eps_scale", "time_shift_window"),
+        "dpmpp_2m": ("steps", "ddim_spacing", "eps_scale"),
+    }
+    quick_sampling = {"sampler": "ddim", "steps": 2}
+
     def __init__(
         self,
         net,
@@ -324,9 +332,11 @@ class DDPM(DiffusionModule):
     ):
         super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised)
         if prediction not in PREDICTIONS:
-            raise ValueError(f"model.prediction must be one of {PREDICTIONS}, got {prediction!r}")
+            raise ConfigError(f"model.prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if sampler not in SAMPLERS:
-            raise ValueError(f"model.sampler must be one of {SAMPLERS}, got {sampler!r}")
+            raise ConfigError(f"model.sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if not 1 <= sample_steps <= num_timesteps:
+            raise ConfigError(f"model.sample_steps={sample_steps} must be in [1, model.num_timesteps={num_timesteps}]")
         self.schedule = DiscreteSchedule(make_betas(schedule, num_timesteps, beta_start, beta_end))
         self.prediction = prediction
         self.variance = variance
@@ -334,13 +344,13 @@ class DDPM(DiffusionModule):
         self.sample_steps = sample_steps
         self.eta = eta
         if input_perturbation < 0:
-            raise ValueError(f"model.input_perturbation must be >= 0, got {input_perturbation}")
+            raise ConfigError(f"model.input_perturbation must be >= 0, got {input_perturbation}")
         if eps_scale_schedule not in EPS_SCALE_SCHEDULES:
-            raise ValueError(f"model.eps_scale_schedule must be one of {EPS_SCALE_SCHEDULES}, got {eps_scale_schedule!r}")
+            raise ConfigError(f"model.eps_scale_schedule must be one of {EPS_SCALE_SCHEDULES}, got {eps_scale_schedule!r}")
         if min(eps_scale, eps_scale + eps_scale_slope * (num_timesteps - 1) * (eps_scale_schedule == "linear")) <= 0:
-            raise ValueError("model.eps_scale (and eps_scale + eps_scale_slope * t over all t) must stay > 0: it divides eps")
+            raise ConfigError("model.eps_scale (and eps_scale + eps_scale_slope * t over all t) must stay > 0: it divides eps")
         if time_shift_window < 0 or time_shift_cutoff < 0:
-            raise ValueError("model.time_shift_window and model.time_shift_cutoff must be >= 0")
+            raise ConfigError("model.time_shift_window and model.time_shift_cutoff must be >= 0")
         self.input_perturbation = float(input_perturbation)
         self.eps_scale = float(eps_scale)
         self.eps_scale_schedule = eps_scale_schedule
@@ -349,7 +359,7 @@ class DDPM(DiffusionModule):
         self.time_shift_cutoff = int(time_shift_cutoff)
         self.time_shift_data_var = time_shift_data_var
         if ddim_spacing not in DDIM_SPACINGS:
-            raise ValueError(f"model.ddim_spacing must be one of {DDIM_SPACINGS}, got {ddim_spacing!r}")
+            raise ConfigError(f"model.ddim_spacing must be one of {DDIM_SPACINGS}, got {ddim_spacing!r}")
         self.ddim_spacing = ddim_spacing
 
     @property
@@ -434,12 +444,12 @@ class DDPM(DiffusionModule):
             from lightning_modules.dpm_solver import dpm_solver_2m_sample  # it builds on this file's helpers
 
             if shift["time_shift_window"]:
-                raise ValueError("time_shift_window applies to the ancestral and ddim samplers, not dpmpp_2m: set it to 0")
+                raise ConfigError("time_shift_window applies to the ancestral and ddim samplers, not dpmpp_2m: set it to 0")
             return dpm_solver_2m_sample(
                 eps_fn, self.schedule, x_T, steps or self.sample_steps, self.clip_denoised, progress, callback=callback,
                 spacing=ddim_spacing or self.ddim_spacing,
             )
-        raise ValueError(f"unknown sampler {sampler!r} for DDPM: use one of {SAMPLERS}")
+        raise ConfigError(f"unknown sampler {sampler!r} for DDPM: use one of {SAMPLERS}")
 
     def sampling_eps_fn(self, cond=None, eps_scale: float | None = None) -> EpsFn:
         """The eps the samplers use: the net's, divided by the Epsilon Scaling lambda_t when one is set."""

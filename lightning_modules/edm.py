@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lightning_modules.base import DiffusionModule
+from difflab.errors import ConfigError
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS = ("heun", "euler")
@@ -161,7 +162,7 @@ def edm_nfe(sampler: str, steps: int) -> int:
         return 2 * steps - 1
     if sampler == "euler":
         return steps
-    raise ValueError(f"unknown sampler {sampler!r} for EDM: use one of {SAMPLERS}")
+    raise ConfigError(f"unknown sampler {sampler!r} for EDM: use one of {SAMPLERS}")
 
 
 # --- the method ------------------------------------------------------------------------------------
@@ -169,6 +170,9 @@ def edm_nfe(sampler: str, steps: int) -> int:
 
 class EDM(DiffusionModule):
     """EDM training (log-normal sigma, lambda = 1 / c_out^2) and Heun / Euler sampling of the ODE."""
+
+    sampler_options = {"heun": ("steps",), "euler": ("steps",)}
+    quick_sampling = {"sampler": "euler", "steps": 2}
 
     def __init__(
         self,
@@ -193,11 +197,11 @@ class EDM(DiffusionModule):
     ):
         super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised)
         if sampler not in SAMPLERS:
-            raise ValueError(f"model.sampler must be one of {SAMPLERS}, got {sampler!r}")
+            raise ConfigError(f"model.sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < model.sigma_min < model.sigma_max, got {sigma_min}, {sigma_max}")
         if sigma_data <= 0 or p_std <= 0:
-            raise ValueError(f"model.sigma_data and model.p_std must be positive, got {sigma_data}, {p_std}")
+            raise ConfigError(f"model.sigma_data and model.p_std must be positive, got {sigma_data}, {p_std}")
         self.sigma_data = float(sigma_data)
         self.p_mean = float(p_mean)
         self.p_std = float(p_std)
@@ -267,7 +271,7 @@ class EDM(DiffusionModule):
         sampler = sampler or self.sampler
         steps = steps or self.sample_steps
         if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r} for EDM: use one of {SAMPLERS}")
+            raise ConfigError(f"unknown sampler {sampler!r} for EDM: use one of {SAMPLERS}")
         if x_T is None:
             x_T = self.sigma_max * self.prior_noise(num_samples, generator)
         denoise_fn = lambda x, sigma: self.denoise(x, sigma, cond)  # noqa: E731

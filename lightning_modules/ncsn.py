@@ -29,12 +29,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_modules.base import DiffusionModule
 from lightning_modules.langevin import annealed_langevin, annealed_langevin_nfe, geometric_sigmas, langevin, sigma_max_from_data
 from lightning_modules.score_objectives import OBJECTIVES, dsm, input_gradients, ism, ssm
+from difflab.errors import ConfigError
 
 PARAMETRIZATIONS = ("v2", "v1")
 SAMPLERS = ("annealed_langevin", "langevin")
 
 
 class NCSN(DiffusionModule):
+
+    sampler_options = {"annealed_langevin": ("steps",), "langevin": ("steps",)}
+    quick_sampling = {"sampler": "annealed_langevin", "steps": 1}
     def __init__(
         self,
         net,
@@ -57,11 +61,11 @@ class NCSN(DiffusionModule):
     ):
         super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised)
         if objective not in OBJECTIVES:
-            raise ValueError(f"model.objective must be one of {OBJECTIVES}, got {objective!r}")
+            raise ConfigError(f"model.objective must be one of {OBJECTIVES}, got {objective!r}")
         if parametrization not in PARAMETRIZATIONS:
-            raise ValueError(f"model.parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
+            raise ConfigError(f"model.parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
         if sampler not in SAMPLERS:
-            raise ValueError(f"model.sampler must be one of {SAMPLERS}, got {sampler!r}")
+            raise ConfigError(f"model.sampler must be one of {SAMPLERS}, got {sampler!r}")
         # Derived from the config, never saved: a checkpoint rebuilds them from its run config.
         self.register_buffer("sigmas", geometric_sigmas(sigma_max, sigma_min, num_scales).float(), persistent=False)
         self.sigma_max, self.sigma_min, self.num_scales = float(sigma_max), float(sigma_min), int(num_scales)
@@ -145,5 +149,5 @@ class NCSN(DiffusionModule):
             n_steps = steps or self.num_scales * self.n_steps_each
             x = langevin(lambda y: self.score(y, last, cond), x, n_steps, self.langevin_step_size, generator, progress)
         else:
-            raise ValueError(f"unknown sampler {sampler!r} for NCSN: use one of {SAMPLERS}")
+            raise ConfigError(f"unknown sampler {sampler!r} for NCSN: use one of {SAMPLERS}")
         return x.clamp(-1.0, 1.0) if self.clip_denoised else x

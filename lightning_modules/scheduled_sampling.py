@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from lightning_modules.ddpm import DDPM, _clip_x0, ancestral_log_variance, ddim_step
 from lightning_modules.schedules import extract
+from difflab.errors import ConfigError
 
 ROLLBACKS = ("renoise", "ancestral", "sampler_step")
 
@@ -51,13 +52,13 @@ class ScheduledSamplingDDPM(DDPM):
     ):
         super().__init__(net, optimizer, scheduler, **ddpm_kwargs)
         if ss_rollback not in ROLLBACKS:
-            raise ValueError(f"model.ss_rollback must be one of {ROLLBACKS}, got {ss_rollback!r}")
+            raise ConfigError(f"model.ss_rollback must be one of {ROLLBACKS}, got {ss_rollback!r}")
         if ss_stride is not None and ss_rollback != "sampler_step":
-            raise ValueError(f"model.ss_stride sets the DDIM stride of ss_rollback=sampler_step; {ss_rollback!r} steps by 1")
+            raise ConfigError(f"model.ss_stride sets the DDIM stride of ss_rollback=sampler_step; {ss_rollback!r} steps by 1")
         if not (0 <= p_start <= 1 and 0 <= p_end <= 1):
-            raise ValueError(f"model.p_start and model.p_end are probabilities, got {p_start}, {p_end}")
+            raise ConfigError(f"model.p_start and model.p_end are probabilities, got {p_start}, {p_end}")
         if max_rollback < 0:
-            raise ValueError(f"model.max_rollback must be >= 0, got {max_rollback}")
+            raise ConfigError(f"model.max_rollback must be >= 0, got {max_rollback}")
         stride = 1
         if ss_rollback == "sampler_step":
             stride = int(ss_stride) if ss_stride is not None else max(self.num_timesteps // self.sample_steps, 1)

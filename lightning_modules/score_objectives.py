@@ -16,6 +16,7 @@ import contextlib
 from typing import Callable
 
 import torch
+from difflab.errors import ConfigError
 
 OBJECTIVES = ("dsm", "ism", "ssm")
 ISM_MAX_DIM = 64
@@ -45,7 +46,7 @@ def ism(score_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> to
     """tr(grad_x s(x)) + 1/2 ||s(x)||^2 (Hyvarinen 2005, Theorem 1) with the exact trace."""
     d = x[0].numel()
     if d > ISM_MAX_DIM:
-        raise ValueError(
+        raise ConfigError(
             f"model.objective=ism takes the exact Jacobian trace with one backward pass per dimension; "
             f"the data have {d} > {ISM_MAX_DIM} dimensions: use model.objective=ssm (sliced score matching) or dsm"
         )

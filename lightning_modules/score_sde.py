@@ -31,11 +31,15 @@ from lightning_modules.sde_samplers import (
     probability_flow_ode_adaptive,
 )
 from lightning_modules.sde_samplers import bits_per_dim as _bits_per_dim
+from difflab.errors import ConfigError
 
 SAMPLERS = ("pc", "euler_maruyama", "ode", "ode_adaptive")
 
 
 class ScoreSDE(DiffusionModule):
+
+    sampler_options = {"pc": ("steps",), "euler_maruyama": ("steps",), "ode": ("steps",), "ode_adaptive": ()}
+    quick_sampling = {"sampler": "ode", "steps": 2}
     def __init__(
         self,
         net,
@@ -65,9 +69,9 @@ class ScoreSDE(DiffusionModule):
     ):
         super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised)
         if sampler not in SAMPLERS:
-            raise ValueError(f"model.sampler must be one of {SAMPLERS}, got {sampler!r}")
+            raise ConfigError(f"model.sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not 0 < eps < 1 or not 0 < sample_eps < 1:
-            raise ValueError(f"model.eps and model.sample_eps must lie in (0, 1), got {eps}, {sample_eps}")
+            raise ConfigError(f"model.eps and model.sample_eps must lie in (0, 1), got {eps}, {sample_eps}")
         self.sde_name = sde
         self.sde = make_sde(sde, sigma_min=sigma_min, sigma_max=sigma_max, beta_min=beta_min, beta_max=beta_max)
         self.eps = eps
@@ -152,7 +156,7 @@ class ScoreSDE(DiffusionModule):
         elif sampler == "ode_adaptive":
             x, self.last_nfe = probability_flow_ode_adaptive(score_fn, self.sde, x_T, self.rtol, self.atol, **common)
         else:
-            raise ValueError(f"unknown sampler {sampler!r} for ScoreSDE: use one of {SAMPLERS}")
+            raise ConfigError(f"unknown sampler {sampler!r} for ScoreSDE: use one of {SAMPLERS}")
         return x.clamp(-1.0, 1.0) if self.clip_denoised else x
 
     def bits_per_dim(self, x: torch.Tensor, cond=None, num_levels: int | None = 256, probe: str = "rademacher", generator=None):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+from difflab.errors import ConfigError
 
 SDE_NAMES = ("ve", "vp", "subvp")
 
@@ -193,4 +194,4 @@ def make_sde(name: str, sigma_min: float = 0.01, sigma_max: float = 50.0, beta_m
         return VPSDE(beta_min, beta_max)
     if name == "subvp":
         return SubVPSDE(beta_min, beta_max)
-    raise ValueError(f"model.sde must be one of {SDE_NAMES}, got {name!r}")
+    raise ConfigError(f"model.sde must be one of {SDE_NAMES}, got {name!r}")

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lightning_modules.sde import SDE, bcast
+from difflab.errors import ConfigError
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PREDICTORS = ("reverse_diffusion", "euler_maruyama")
@@ -113,9 +114,9 @@ def predictor_corrector(
 ) -> torch.Tensor:
     """Song et al. 2021, Algorithm 1-3: at each t, n Langevin corrector steps on p_t, then one predictor step to the next t."""
     if predictor not in PREDICTORS:
-        raise ValueError(f"model.predictor must be one of {PREDICTORS}, got {predictor!r}")
+        raise ConfigError(f"model.predictor must be one of {PREDICTORS}, got {predictor!r}")
     if corrector not in CORRECTORS:
-        raise ValueError(f"model.corrector must be one of {CORRECTORS}, got {corrector!r}")
+        raise ConfigError(f"model.corrector must be one of {CORRECTORS}, got {corrector!r}")
     predict = reverse_diffusion_step if predictor == "reverse_diffusion" else euler_maruyama_step
     n_corr = n_corrector_steps if corrector == "langevin" else 0
     grid = time_grid(sde, steps, eps).tolist()
@@ -141,7 +142,7 @@ def probability_flow_ode(
 ) -> torch.Tensor:
     """Probability-flow ODE (Song et al. 2021, eq. 13) with fixed steps: Euler, or Heun's 2nd order (2 NFE per step)."""
     if solver not in ODE_SOLVERS:
-        raise ValueError(f"model.ode_solver must be one of {ODE_SOLVERS}, got {solver!r}")
+        raise ConfigError(f"model.ode_solver must be one of {ODE_SOLVERS}, got {solver!r}")
     grid = time_grid(sde, steps, eps).tolist()
     x = x_T
     for k in tqdm(range(steps), disable=not progress, desc=f"ode-{solver}-{steps}"):

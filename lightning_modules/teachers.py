@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
+from difflab.errors import ConfigError
 
 USABLE = ("edm", "vesde", "vpsde", "ddpm")
 _USABLE_TEXT = "use edm, vesde, vpsde or ddpm"
@@ -230,13 +231,13 @@ def teacher_from_module(module, path: str | None = None, config: dict | None = N
             return VETeacher(module, path, config)
         if module.sde_name == "vp":
             return VPTeacher(module, path, config)
-        raise ValueError(
+        raise ConfigError(
             f"not a usable teacher{where}: a {module.sde_name!r} score SDE; its marginal std 1 - abar does not map "
             f"to x0 + sigma n, so it has no EDM-form denoiser here: {_USABLE_TEXT}"
         )
     if isinstance(module, DDPM):
         return DDPMTeacher(module, path, config)
-    raise ValueError(f"not a usable teacher{where}: {type(module).__name__} has no probability-flow ODE to distill: {_USABLE_TEXT}")
+    raise ConfigError(f"not a usable teacher{where}: {type(module).__name__} has no probability-flow ODE to distill: {_USABLE_TEXT}")
 
 
 def method_name(model_cfg: dict) -> str:
@@ -260,12 +261,12 @@ def load_teacher(path: str | Path, data_shape, cond_dim: int | None = None, map_
     name = method_name(model_cfg)
     if name not in USABLE:
         why = _WHY_NOT.get(name, "no EDM-form denoiser is known for it")
-        raise ValueError(f"not a usable teacher: {path} is a {name} checkpoint ({why}); {_USABLE_TEXT}")
+        raise ConfigError(f"not a usable teacher: {path} is a {name} checkpoint ({why}); {_USABLE_TEXT}")
     want, have = tuple(int(d) for d in data_shape), tuple(int(d) for d in meta["data_shape"])
     if want != have:
-        raise ValueError(f"teacher {path} was trained on data of shape {have}, the student's data have shape {want}: use a teacher trained on the same data")
+        raise ConfigError(f"teacher {path} was trained on data of shape {have}, the student's data have shape {want}: use a teacher trained on the same data")
     if cond_dim != meta["cond_dim"]:
-        raise ValueError(f"teacher {path} has cond_dim={meta['cond_dim']}, the student's data have cond_dim={cond_dim}: use a teacher trained on the same data")
+        raise ConfigError(f"teacher {path} has cond_dim={meta['cond_dim']}, the student's data have cond_dim={cond_dim}: use a teacher trained on the same data")
     del ckpt
     module, _ = load_module(path, map_location=map_location)
     return teacher_from_module(module, str(path), meta["config"])

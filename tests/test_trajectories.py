@@ -11,6 +11,7 @@ from datamodules.normalizer import MinMaxNormalizer
 from datamodules.pusht import PushTDataModule
 from datamodules.replay_buffer import ReplayBuffer, split_episodes, window_indices
 from datamodules.trajectories import TrajectoryDataModule
+from difflab.errors import DataError
 
 PUSHT_ZARR = os.environ.get("PUSHT_ZARR")
 needs_pusht = pytest.mark.skipif(not PUSHT_ZARR or not Path(PUSHT_ZARR).exists(), reason="set PUSHT_ZARR to pusht_cchi_v7_replay.zarr")
@@ -58,7 +59,7 @@ def test_replay_buffer_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.zarr.*get it here"):
         ReplayBuffer.load(tmp_path / "nowhere.zarr", hint="get it here")
     ReplayBuffer.from_episodes([{"state": np.zeros((3, 5)), "action": np.zeros((3, 2))}]).save(tmp_path / "b.zarr")
-    with pytest.raises(KeyError, match=r"no data/keypoint; its keys are \['action', 'state'\]"):
+    with pytest.raises(DataError, match=r"no data/keypoint; its keys are \['action', 'state'\]"):
         ReplayBuffer.load(tmp_path / "b.zarr", ["keypoint", "action"])
     with pytest.raises(ValueError, match="episode_ends"):
         ReplayBuffer({"a": np.zeros(5)}, np.array([3, 2]))
@@ -141,7 +142,7 @@ def test_missing_pusht_zarr_says_where_to_get_it(tmp_path):
 def test_pusht_zarr_without_the_key_lists_what_it_has(tmp_path):
     n = 20
     ReplayBuffer.from_episodes([{"state": np.zeros((n, 5), np.float32), "action": np.zeros((n, 2), np.float32)}]).save(tmp_path / "p.zarr")
-    with pytest.raises(KeyError, match=r"keypoint.*\['action', 'state'\]"):
+    with pytest.raises(DataError, match=r"keypoint.*\['action', 'state'\]"):
         PushTDataModule(path=str(tmp_path / "p.zarr"), obs_keys=["keypoint", "agent_pos"]).setup()
     dm = PushTDataModule(path=str(tmp_path / "p.zarr"), obs_keys=["state"], val_fraction=0.0)
     assert dm.cond_dim == 10

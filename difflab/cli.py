@@ -1,0 +1,83 @@
+"""What train.py, sample.py and evaluate.py do around their work: one line for a known user error, and the
+command that resumes an interrupted run."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Callable
+
+from difflab.errors import DifflabError, user_error
+
+
+def traceback_wanted(cfg=None) -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" or bool(cfg is not None and cfg.get("debug"))
+
+
+def print_error(err: DifflabError | str) -> None:
+    text = " ".join(str(err).split())  # one line, whatever the message's own line breaks
+    print(f"\nerror: {text}", file=sys.stderr, flush=True)  # on its own line, also after a progress bar
+
+
+def one_line_errors(task: Callable) -> Callable:
+    """Wrap a Hydra task: a DifflabError (also behind Hydra's InstantiationException) exits with one line on stderr
+    and its exit code; anything else is a bug and keeps its traceback. `debug=true` or HYDRA_FULL_ERROR=1 shows
+    the traceback of user errors too."""
+
+    @functools.wraps(task)
+    def wrapper(cfg):
+        try:
+            return task(cfg)
+        except KeyboardInterrupt:
+            if traceback_wanted(cfg):
+                raise
+            print_error("interrupted (Ctrl-C)")
+            sys.exit(130)
+        except Exception as exc:
+            err = user_error(exc)
+            if err is None or traceback_wanted(cfg):
+                raise
+            print_error(err)
+            sys.exit(err.exit_code)
+
+    return wrapper
+
+
+def resume_command(ckpt_path: str | Path, run_dir: str | Path | None = None, script: str = "train.py") -> str:
+    """This run's command line with ckpt_path= pointing at `ckpt_path` (Hydra's record of the overrides), in the
+    same run directory, so TensorBoard shows one continuous run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except Exception:  # not inside a Hydra run
+        overrides = sys.argv[1:]
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(("ckpt_path=", "hydra.run.dir="))]
+    extra = [f"ckpt_path={ckpt_path}"] + ([f"hydra.run.dir={run_dir}"] if run_dir else [])
+    return " ".join(["python", script, *map(shlex.quote, kept + extra)])
+
+
+def writable_dir(path: str | Path, setting: str) -> Path:
+    """Create `path` if needed and prove it can be written, before minutes of sampling are spent on it."""
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        from difflab.errors import ConfigError
+
+        raise ConfigError(f"{setting}: {path} cannot be written ({err.strerror or err}); pick a writable folder") from None
+    return path
+
+
+def entry_keys(config_name: str) -> set[str]:
+    """The top-level settings an entry point's own config file declares (plus its `paths` group)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / f"{config_name}.yaml")
+    return (set(cfg.keys()) - {"defaults", "hydra"}) | {"paths"}
