@@ -13,7 +13,7 @@ never appears in a whole run is reported at its end.
 
 On SIGINT or SIGTERM the current optimizer step is finished (a step cut in half would leave half-updated
 weights), last.ckpt is written at that step boundary and the run stops; train.py then prints the resume
-command. A second Ctrl-C stops at once without saving.
+command. A second Ctrl-C stops at once without saving. Under DDP the ranks agree at the next logging step.
 """
 
 from __future__ import annotations
@@ -69,6 +69,13 @@ class Checkpoint(ModelCheckpoint):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()  # teardown hooks do not run after an exception
+        super().on_exception(trainer, pl_module, exception)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # last.ckpt is the end of training, also when the last steps came after the last validation (Lightning
+        # writes it here only if no checkpoint was written at all, and even under fast_dev_run).
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     # --- interrupts ---------------------------------------------------------------------------------------
     def _install_handlers(self) -> None:
@@ -100,7 +107,11 @@ class Checkpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         interrupted = self.interrupted is not None
-        if trainer.world_size > 1:  # every rank must stop at the same step, and all join the save
+        if trainer.world_size > 1:
+            # Every rank must stop at the same step and join the save; agreeing costs a collective and a device
+            # sync, so only at the steps where Lightning logs (and syncs) anyway.
+            if trainer.global_step % max(trainer.log_every_n_steps, 1) != 0:
+                return
             interrupted = trainer.strategy.reduce_boolean_decision(interrupted, all=False)
         if not interrupted or trainer.fit_loop._should_accumulate():
             return

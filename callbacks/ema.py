@@ -49,6 +49,16 @@ class EMA(WeightAveraging):
         self._decay_now = self.decay_at(num_updates)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning copies the average into the module here, before the checkpoint callback's own on_train_end
+        # (ModelCheckpoint always runs last), which would then store the EMA weights as the raw ones. Copy at
+        # on_fit_end instead: every checkpoint is written by then, and the module still ends holding the EMA.
+        pass
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._average_model is not None:
+            self._copy_average_to_current(pl_module)
+
     def _swap_models(self, pl_module: pl.LightningModule) -> None:
         super()._swap_models(pl_module)
         self.swapped_in = not self.swapped_in

@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import default_collate
 
 from callbacks.ema import ema_weights
 from callbacks.periodic import EveryNValidations
@@ -58,7 +59,8 @@ class ExposureBias(EveryNValidations):
         from lightning_modules.exposure_bias import measure_exposure_bias
 
         dataset = trainer.datamodule.dataset("val")
-        batch = dataset[torch.arange(min(self.count(trainer, self.num_samples), len(dataset)))]
+        # Item by item: image datasets index one example at a time (the in-memory ones also take a tensor).
+        batch = default_collate([dataset[i] for i in range(min(self.count(trainer, self.num_samples), len(dataset)))])
         x0 = batch["x"].to(pl_module.device)
         cond = batch.get("cond")
         sampling = self.sampling(trainer, pl_module, self.sampler, self.steps)

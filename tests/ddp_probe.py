@@ -63,13 +63,14 @@ class Probe(pl.Callback):
         pass
 
     def on_fit_end(self, trainer, pl_module):
-        # on_train_end already copied the EMA into the module: these are the EMA weights
+        # the EMA weights (the EMA callback copies them into the module at its own on_fit_end)
+        ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
         rank = trainer.global_rank
         self.record.update(
             rank=rank,
             world_size=trainer.world_size,
             step=trainer.global_step,
-            params_after_fit=torch.cat([p.detach().flatten() for p in pl_module.parameters()]),
+            params_after_fit=torch.cat([p.detach().flatten() for p in ema._average_model.module.parameters()]),
             lr=trainer.optimizers[0].param_groups[0]["lr"],
             batches=torch.stack(self.batches),
             synced=measure(trainer, pl_module, Rows(), NUM_SAMPLES, seed=3, batch_size=4, steps=3),

@@ -16,6 +16,7 @@ import torch
 
 from cli_harness import run_script, snapshot
 from datamodules.replay_buffer import ReplayBuffer
+from test_image_datamodules import write_fake_cifar10
 
 QUIET = ["callbacks.quality=null", "callbacks.sample_logger=null", "callbacks.exposure_bias=null", "logger=csv",
          "callbacks.progress_bar.refresh_rate=0"]
@@ -46,6 +47,7 @@ def world(tmp_path_factory):
     torch.save({"state_dict": {"w": torch.zeros(2)}}, root / "foreign.ckpt")
     (root / "empty_zarr").mkdir()
     (root / "cifar_root").mkdir()
+    write_fake_cifar10(root / "cifar" / "cifar-10-batches-py")
     steps = 40
     state = np.random.default_rng(0).uniform(0, 512, (steps, 5)).astype(np.float32)
     action = state[:, :2].copy()
@@ -99,6 +101,14 @@ CASES = [
     # --- train.py: run directories
     ("finished_run_dir", "train.py", [*TOY, "hydra.run.dir={root}/toy_run"], 2, r"holds the checkpoints of an earlier run .* overwrite=true"),
     ("unwritable_run_dir", "train.py", [*TOY, "hydra.run.dir=/proc/difflab_run"], 2, r"cannot write to the run directory /proc/difflab_run"),
+    ("unwritable_ckpt_dir", "train.py", [*TOY, "callbacks.model_checkpoint.dirpath=/proc/difflab_ckpts"], 2,
+     r"checkpoints cannot be written to /proc/difflab_ckpts"),
+    # --- train.py: a run that goes NaN (seeded: the loss turns NaN at step 4, after the good checkpoint of step 3)
+    ("diverges", "train.py", [*TOY, "model.optimizer.lr=1e6", "trainer.max_steps=6", "trainer.val_check_interval=3"], 1,
+     r"training diverged at step 4: the training loss first went non-finite .* the last good checkpoint is \S+/last\.ckpt \(step 3\).* Fix: lower model\.optimizer\.lr"),
+    # --- train.py: FID without its weights (quality on: not QUIET)
+    ("fid_weights_missing", "train.py", ["data=cifar10", "data.root={cifar}", "data.val_size=8", "net=unet_small", "data.num_workers=0",
+                                         "logger=csv"], 2, r"FID needs torch-fidelity's Inception weights .* To train without FID, pass callbacks\.quality=null"),
     # --- sample.py
     ("sample_eps_scale", "sample.py", ["ckpt_path={toy}", "eps_scale=-1"], 2, r"eps_scale=-1 is not valid: .*> 0"),
     ("sample_steps_zero", "sample.py", ["ckpt_path={toy}", "steps=0"], 2, r"steps=0 is not valid"),
@@ -134,12 +144,15 @@ CASES = [
 
 
 @pytest.mark.parametrize("name,script,args,code,pattern", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gets_one_clear_line_and_changes_nothing(world, tmp_path, name, script, args, code, pattern):
+def test_bad_input_gets_one_clear_line_and_changes_nothing(world, tmp_path, monkeypatch, name, script, args, code, pattern):
     args = [re.sub(r"\{([^}]+)\}", lambda m: p(world, m.group(1)), a) for a in args]
     if script == "train.py" and not any(a.startswith("hydra.run.dir=") for a in args):
         args.append(f"hydra.run.dir={tmp_path / 'refused_run'}")
     before = snapshot(world["root"])
-    outcome = run_script(script, *QUIET * (script == "train.py"), *args)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no cached Inception weights
+    monkeypatch.delenv("DIFFLAB_INCEPTION", raising=False)
+    quiet = QUIET if script == "train.py" and name not in ("fid_weights_missing",) else []
+    outcome = run_script(script, *quiet, *args)
     assert outcome.code == code, f"exit {outcome.code}, stderr:\n{outcome.stderr[-3000:]}"
     assert "Traceback" not in outcome.stderr + outcome.stdout, outcome.stderr[-3000:]
     assert len(outcome.error_lines) == 1, f"want one error line, got:\n{outcome.stderr[-3000:]}"

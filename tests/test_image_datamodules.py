@@ -55,8 +55,13 @@ def write_batch(path: Path, ids: range, label: bytes) -> None:
 
 @pytest.fixture
 def cifar_root(tmp_path) -> Path:
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
+    write_fake_cifar10(tmp_path / "cifar-10-batches-py")
+    return tmp_path
+
+
+def write_fake_cifar10(folder: Path) -> None:
+    """The five training batches, the test batch and batches.meta, in the real pickle format."""
+    folder.mkdir(parents=True)
     for b in range(5):
         ids = range(b * N_TRAIN_PER_BATCH, (b + 1) * N_TRAIN_PER_BATCH)
         write_batch(folder / f"data_batch_{b + 1}", ids, b"training batch %d of 5" % (b + 1))
@@ -64,7 +69,6 @@ def cifar_root(tmp_path) -> Path:
     buffer = io.BytesIO()
     Py2Pickler(buffer, protocol=2).dump({b"num_cases_per_batch": N_TRAIN_PER_BATCH, b"label_names": [b"airplane"], b"num_vis": 3072})
     (folder / "batches.meta").write_bytes(buffer.getvalue())
-    return tmp_path
 
 
 def cifar(root, **kwargs) -> CIFAR10DataModule:
