@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from difflab.checkpoint_io import remove_stale_temp_files
-from difflab.errors import RunDirError
+from difflab.cli import writable_dir
 
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
@@ -48,17 +48,7 @@ class Checkpoint(ModelCheckpoint):
         if stage != "fit" or trainer.fast_dev_run or not self.dirpath:
             return
         if trainer.is_global_zero:
-            from pathlib import Path
-
-            directory = Path(self.dirpath)
-            try:
-                directory.mkdir(parents=True, exist_ok=True)
-                probe = directory / f".write-test-{id(self)}"
-                probe.write_bytes(b"")
-                probe.unlink()
-            except OSError as err:
-                raise RunDirError(f"checkpoints cannot be written to {directory} ({err.strerror or err}): point "
-                                  "callbacks.model_checkpoint.dirpath (or hydra.run.dir) at a writable folder") from None
+            directory = writable_dir(self.dirpath, "the checkpoint folder (callbacks.model_checkpoint.dirpath)")
             remove_stale_temp_files(directory)
         if self.save_on_interrupt:
             self._install_handlers()

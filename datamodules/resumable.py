@@ -15,13 +15,21 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from difflab.errors import ConfigError
+
 
 class EpochBatchSampler(Sampler[list[int]]):
-    """Batches of indices of a permutation drawn from (seed, epoch); `skip` batches are left out once (a resume)."""
+    """Batches of indices of a permutation drawn from (seed, epoch); `skip` batches are left out once (a resume).
 
-    def __init__(self, num_items: int, batch_size: int, drop_last: bool = True, shuffle: bool = True, seed: int = 0):
+    Under DDP each rank takes every world_size-th index of the same permutation, padded by wrapping around to a
+    multiple of world_size, as torch's DistributedSampler does; so the loader shards itself and Lightning's own
+    sampler injection is switched off (`Trainer(use_distributed_sampler=False)`, in every trainer config)."""
+
+    def __init__(self, num_items: int, batch_size: int, drop_last: bool = True, shuffle: bool = True, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
         self.num_items, self.batch_size, self.drop_last, self.shuffle = num_items, batch_size, drop_last, shuffle
         self.seed = int(seed)
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.skip = 0
 
@@ -29,13 +37,23 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.epoch = int(epoch)
 
     def order(self, epoch: int) -> torch.Tensor:
+        """This rank's indices for the epoch."""
         if not self.shuffle:
-            return torch.arange(self.num_items)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_items, generator=generator)
+            order = torch.arange(self.num_items)
+        else:
+            order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        if self.world_size > 1:
+            order = order.repeat(-(-self._per_rank * self.world_size // max(self.num_items, 1)))[: self._per_rank * self.world_size]
+            order = order[self.rank :: self.world_size]
+        return order
+
+    @property
+    def _per_rank(self) -> int:
+        return -(-self.num_items // self.world_size)
 
     def __len__(self) -> int:
-        return self.num_items // self.batch_size if self.drop_last else -(-self.num_items // self.batch_size)
+        n = self._per_rank
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         order, skip = self.order(self.epoch), self.skip
@@ -52,10 +70,16 @@ def batches_done(datamodule) -> int:
 
 def resumable_loader(datamodule, dataset, shuffle: bool, drop_last: bool, train: bool, **kwargs) -> "ResumableLoader":
     """The loader a datamodule hands Lightning; the order's seed is `datamodule.shuffle_seed`, or the run's seed
-    (torch's initial seed after seed_everything)."""
+    (torch's initial seed after seed_everything); sharded by rank under DDP."""
     seed = getattr(datamodule, "shuffle_seed", None)
     seed = seed if seed is not None else torch.initial_seed() % 2**31
-    sampler = EpochBatchSampler(len(dataset), datamodule.batch_size, drop_last=drop_last, shuffle=shuffle, seed=seed)
+    trainer = getattr(datamodule, "trainer", None)
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    if world > 1 and trainer._accelerator_connector.use_distributed_sampler:
+        raise ConfigError("difflab's data loaders shard themselves across DDP ranks (and resume mid-epoch): build the "
+                          "Trainer with use_distributed_sampler=False, as every configs/trainer/*.yaml does")
+    sampler = EpochBatchSampler(len(dataset), datamodule.batch_size, drop_last=drop_last, shuffle=shuffle, seed=seed,
+                                rank=rank, world_size=world)
     return ResumableLoader(dataset, sampler, batches_done=(lambda: batches_done(datamodule)) if train else None, **kwargs)
 
 

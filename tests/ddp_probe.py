@@ -88,7 +88,7 @@ def main(out: Path, ckpt: str | None):
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=8 if ckpt is None else 10, default_root_dir=out,
         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        val_check_interval=4, check_val_every_n_epoch=None, limit_val_batches=1,
+        val_check_interval=4, check_val_every_n_epoch=None, limit_val_batches=1, use_distributed_sampler=False,
         callbacks=[
             EMA(decay=0.9),
             Probe(out),

@@ -40,6 +40,8 @@ def world(tmp_path_factory):
     files["ncsn"] = train_run(root / "ncsn_run", *TOY_DATA, "model=ncsn", "model.num_scales=5", "model.n_steps_each=2")
     files["policy"] = train_run(root / "policy_run", "data=obstacle2d", "data.num_episodes=8", "data.batch_size=32", "callbacks.rollout=null",
                                 "model.num_timesteps=10", "model.sample_steps=2", "final_eval.num_episodes=1")
+    files["bc_mse"] = train_run(root / "bc_run", "data=obstacle2d", "data.num_episodes=8", "data.batch_size=32", "callbacks.rollout=null",
+                                "model=bc_mse", "final_eval.num_episodes=1")
     (root / "empty.ckpt").write_bytes(b"")
     good = files["toy"].read_bytes()
     (root / "truncated.ckpt").write_bytes(good[: len(good) // 2])
@@ -102,7 +104,7 @@ CASES = [
     ("finished_run_dir", "train.py", [*TOY, "hydra.run.dir={root}/toy_run"], 2, r"holds the checkpoints of an earlier run .* overwrite=true"),
     ("unwritable_run_dir", "train.py", [*TOY, "hydra.run.dir=/proc/difflab_run"], 2, r"cannot write to the run directory /proc/difflab_run"),
     ("unwritable_ckpt_dir", "train.py", [*TOY, "callbacks.model_checkpoint.dirpath=/proc/difflab_ckpts"], 2,
-     r"checkpoints cannot be written to /proc/difflab_ckpts"),
+     r"the checkpoint folder \(callbacks\.model_checkpoint\.dirpath\): /proc/difflab_ckpts cannot be written"),
     # --- train.py: a run that goes NaN (seeded: the loss turns NaN at step 4, after the good checkpoint of step 3)
     ("diverges", "train.py", [*TOY, "model.optimizer.lr=1e6", "trainer.max_steps=6", "trainer.val_check_interval=3"], 1,
      r"training diverged at step 4: the training loss first went non-finite .* the last good checkpoint is \S+/last\.ckpt \(step 3\).* Fix: lower model\.optimizer\.lr"),
@@ -138,6 +140,9 @@ CASES = [
     ("eval_search_ncsn", "evaluate.py", ["ckpt_path={ncsn}", "eps_scale_search=[1.0,1.01]"], 2, r"eps_scale= is not an option of NCSN"),
     ("eval_ncsn_spacing", "evaluate.py", ["ckpt_path={ncsn}", "ddim_spacing=karras"], 2, r"ddim_spacing= is not an option of NCSN"),
     ("eval_policy_eta_2m", "evaluate.py", ["ckpt_path={policy}", "metric=policy", "sampler=dpmpp_2m", "eta=0.3"], 2, r"eta= applies to DDPM's ddim sampler"),
+    ("eval_bc_mse_eps_scale", "evaluate.py", ["ckpt_path={bc_mse}", "metric=policy", "eps_scale=1.01"], 2,
+     r"eps_scale= is not an option of BCMSE \(its samplers take: nothing\); eps_scale= applies to the DDPM family"),
+    ("eval_bc_mse_steps", "evaluate.py", ["ckpt_path={bc_mse}", "metric=policy", "steps=10"], 2, r"steps= is not an option of BCMSE"),
     ("eval_plus_model", "evaluate.py", ["ckpt_path={toy}", "+model=ddpm"], 2, r"evaluate\.py does not use 'model'"),
     ("eval_missing_ckpt", "evaluate.py", ["ckpt_path={root}/nope.ckpt"], 2, r"nope\.ckpt does not exist"),
 ]
