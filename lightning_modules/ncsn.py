@@ -36,9 +36,9 @@ SAMPLERS = ("annealed_langevin", "langevin")
 
 
 class NCSN(DiffusionModule):
-
     sampler_options = {"annealed_langevin": ("steps",), "langevin": ("steps",)}
     quick_sampling = {"sampler": "annealed_langevin", "steps": 1}
+
     def __init__(
         self,
         net,

@@ -37,9 +37,9 @@ SAMPLERS = ("pc", "euler_maruyama", "ode", "ode_adaptive")
 
 
 class ScoreSDE(DiffusionModule):
-
     sampler_options = {"pc": ("steps",), "euler_maruyama": ("steps",), "ode": ("steps",), "ode_adaptive": ()}
     quick_sampling = {"sampler": "ode", "steps": 2}
+
     def __init__(
         self,
         net,

@@ -18,6 +18,7 @@ from conftest import run_cli
 from lightning_modules.analytic import GaussianMixture
 from lightning_modules.checkpoint import build_model
 from lightning_modules.consistency import (
+    multistep_sample,
     ConsistencyModel,
     ConsistencyPrecond,
     heun_step,
@@ -538,3 +539,86 @@ def test_train_edm_teacher_distill_and_sample_one_step(tmp_path):
 
     saved = np.load(tmp_path / "samples" / "samples.npz")
     assert saved["samples"].shape == (16, 2) and int(saved["nfe"]) == 1
+
+
+# --- the iCT loss, term by term -------------------------------------------------------------------------
+
+
+class AffineNet(nn.Module):
+    """F(u, c_noise) = 0.3 u + c_noise: simple enough to write f = c_skip x + c_out F(c_in x, c_noise) by hand."""
+
+    def forward(self, u, c_noise, cond=None):
+        return 0.3 * u + c_noise[:, None].to(u.dtype)
+
+
+def paper_consistency_fn(x, sigma, sigma_min=0.002, sd=SD):
+    """The CM paper's parametrization (Appendix C), written out independently of the module."""
+    sigma = sigma.double()[:, None]
+    c_skip = sd**2 / ((sigma - sigma_min) ** 2 + sd**2)
+    c_out = (sigma - sigma_min) * sd / (sigma**2 + sd**2).sqrt()
+    c_in = 1 / (sigma**2 + sd**2).sqrt()
+    return c_skip * x.double() + c_out * (0.3 * c_in * x.double() + sigma.log() / 4)
+
+
+def test_ict_loss_is_the_weighted_pseudo_huber_gap_of_one_shared_noise():
+    """iCT (Song & Dhariwal 2023): E[ 1 / (sigma_{i+1} - sigma_i) * d(f(x + sigma_{i+1} z), f^-(x + sigma_i z)) ], the
+    same z at both levels, d the pseudo-Huber metric. Recomputed from the module's own draws (the pair first,
+    then z), so a missing weight, a fresh z for the lower level or an l2 metric fails."""
+    model = cm(AffineNet(), mu=0.0, total_steps=400_000)
+    x0 = mixture_points(256, seed=3).float()
+    g = torch.Generator().manual_seed(5)
+    lo, hi = model.pair(256, "cpu", g)
+    z = torch.randn(x0.shape, generator=g)
+    student = paper_consistency_fn(x0 + hi[:, None].float() * z, hi)
+    target = paper_consistency_fn(x0 + lo[:, None].float() * z, lo)
+    c = pseudo_huber_c(2)
+    huber = ((student - target).pow(2).sum(1) + c**2).sqrt() - c
+    expected = (huber / math.sqrt(2) / (hi - lo)).mean()
+    got = model.loss({"x": x0}, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got.double(), expected, rtol=2e-4, atol=0)
+    assert model.loss_name == "pseudo_huber"
+
+
+# --- sampling: the exact consistency function gives the exact law ---------------------------------------
+
+
+def gaussian_consistency_fn(sigma_min):
+    """The exact consistency function of N(M, S^2): the PF-ODE map from sigma to sigma_min."""
+    def f(x, sigma):
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
+        return gaussian_flow(x.double(), sigma.expand(x.shape[0]), torch.full((x.shape[0],), sigma_min, dtype=torch.float64))
+    return f
+
+
+def assert_gaussian(x: torch.Tensor, mean: float, std: float) -> None:
+    """Sample mean within 5 standard errors and sample std within 5 of its own (sqrt(1/(2n)) relative)."""
+    n = x.numel()
+    assert abs(x.mean().item() - mean) < 5 * std / math.sqrt(n), (x.mean().item(), mean)
+    assert abs(x.std().item() / std - 1) < 5 / math.sqrt(2 * n), (x.std().item(), std)
+
+
+def test_one_step_module_sample_is_the_pushed_forward_prior():
+    """sample() draws x_T = sigma_max z (not unit noise): one step of the exact f then gives exactly
+    N(M (1 - r), (r sigma_max)^2), r = sqrt(S^2 + sigma_min^2) / sqrt(S^2 + sigma_max^2): N(M, S^2) to 0.5 %."""
+    model = cm(ExactConsistencyNet(0.002), mu=0.0)
+    x = model.sample(50_000, generator=torch.Generator().manual_seed(0)).double()
+    r = math.sqrt(S**2 + 0.002**2) / math.sqrt(S**2 + 80.0**2)
+    assert_gaussian(x, M * (1 - r), r * 80.0)
+
+
+@pytest.mark.parametrize("sigmas", [[80.0, 1.5], [80.0, 3.0, 1.0]])
+def test_multistep_sampling_renoises_to_each_level_from_sigma_min(sigmas):
+    """Algorithm 1: after f the sample sits at sigma_min, so reaching level s adds sqrt(s^2 - sigma_min^2) z.
+    sigma_min = 0.8 (large on purpose) makes that term visible: adding s z instead shifts the variance by r_s^2 0.64."""
+    sigma_min, n = 0.8, 50_000
+    f = gaussian_consistency_fn(sigma_min)
+    x = multistep_sample(f, 80.0 * torch.randn(n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
+                         sigmas, sigma_min, torch.Generator().manual_seed(2))
+    mean, var = M, 80.0**2  # x_T = 80 z: a point of the PF-ODE started off the data mean, carried along exactly
+    mean_shift = -M
+    for i, s in enumerate(sigmas):
+        if i:
+            var = var + s**2 - sigma_min**2
+        r = math.sqrt(S**2 + sigma_min**2) / math.sqrt(S**2 + s**2)
+        mean_shift, var = r * mean_shift, r**2 * var
+    assert_gaussian(x, mean + mean_shift, math.sqrt(var))
