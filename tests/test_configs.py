@@ -28,9 +28,16 @@ def compose_train(overrides: list[str], tmp_path: Path):
     return cfg
 
 
-def build(cfg):
+def build(cfg, meta: bool = False):
+    """The datamodule and the method; meta=True builds the net's parameters on the meta device (shapes only, no
+    memory or init time: the experiment nets are 4.6M-71M parameters each)."""
     datamodule = instantiate(cfg.data)
-    return datamodule, build_model(cfg, datamodule.data_shape, datamodule.cond_dim)
+    if not meta:
+        return datamodule, build_model(cfg, datamodule.data_shape, datamodule.cond_dim)
+    shape = tuple(int(d) for d in datamodule.data_shape)
+    with torch.device("meta"):
+        net = instantiate(cfg.net, data_shape=shape, cond_dim=datamodule.cond_dim)
+    return datamodule, instantiate(cfg.model, net=net, data_shape=shape, cond_dim=datamodule.cond_dim)
 
 
 @pytest.mark.parametrize("data", options("data"))
@@ -54,9 +61,13 @@ def test_every_model_and_net_config_instantiates(model, net, tmp_path):
             pytest.skip("bc_mse regresses action chunks (trajectory data); image UNets need images")
         data = ["data=obstacle2d"]
     cfg = compose_train([f"model={model}", f"net={net}", *data], tmp_path)
-    _, module = build(cfg)
+    _, module = build(cfg, meta=True)
     optim = module.configure_optimizers()
-    assert optim is not None
+    optimizer = optim["optimizer"] if isinstance(optim, dict) else optim
+    assert isinstance(optimizer, torch.optim.Optimizer) and optimizer.defaults["lr"] == cfg.model.optimizer.lr
+    # every trainable parameter is optimised (frozen copies ride along without gradients: a consistency target net)
+    optimised = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert {id(p) for p in module.parameters() if p.requires_grad} <= optimised and {id(p) for p in module.net.parameters()} <= optimised
 
 
 @pytest.mark.parametrize("trainer", options("trainer"))
@@ -79,20 +90,80 @@ def test_callbacks_and_loggers_instantiate(group, tmp_path):
                 assert instantiate(sub) is not None, name
 
 
+# The published settings each experiment pins (key: value), with their sources; a changed value must be a
+# deliberate change of this table too. Parameter counts are of the project's nets at those settings.
+PAPER = {
+    "cifar10_ddpm": {  # Ho et al. 2020, Appendix B
+        "model.num_timesteps": 1000, "model.schedule": "linear", "model.beta_start": 1e-4, "model.beta_end": 0.02,
+        "model.prediction": "eps", "model.optimizer.lr": 2e-4, "model.scheduler.warmup_steps": 5000, "data.batch_size": 128,
+        "callbacks.ema.decay": 0.9999, "trainer.gradient_clip_val": 1.0, "trainer.max_steps": 800_000, "net.dropout": 0.1,
+        "net.ch": 128, "net.ch_mult": [1, 2, 2, 2], "net.num_res_blocks": 2, "net.attn_resolutions": [16], "data.random_flip": True,
+    },
+    "cifar10_ncsn": {  # Song & Ermon 2019, Section 5 and Appendix B
+        "model.sigma_max": 1.0, "model.sigma_min": 0.01, "model.num_scales": 10, "model.n_steps_each": 100,
+        "model.step_lr": 2e-5, "model.denoise": False, "model.optimizer.lr": 1e-3, "data.batch_size": 128,
+        "trainer.max_steps": 200_000, "callbacks.ema": None,
+    },
+    "cifar10_ncsnv2": {  # Song & Ermon 2020, Table / Appendix: sigma_1 = 50, L = 232, T = 5, eps = 6.2e-6, EMA 0.999
+        "model.sigma_max": 50.0, "model.sigma_min": 0.01, "model.num_scales": 232, "model.n_steps_each": 5,
+        "model.step_lr": 6.2e-6, "model.denoise": True, "model.parametrization": "v2", "model.optimizer.lr": 1e-4,
+        "data.batch_size": 128, "trainer.max_steps": 300_000, "callbacks.ema.decay": 0.999,
+    },
+    "cifar10_vesde": {  # Song et al. 2021 (NCSN++ cont.), Appendix H: sigma 0.01 -> 50, PC with snr 0.16, N = 1000
+        "model.sde": "ve", "model.sigma_min": 0.01, "model.sigma_max": 50.0, "model.eps": 1e-5, "model.sampler": "pc",
+        "model.sample_steps": 1000, "model.predictor": "reverse_diffusion", "model.corrector": "langevin", "model.snr": 0.16,
+        "model.n_corrector_steps": 1, "model.optimizer.lr": 2e-4, "model.scheduler.warmup_steps": 5000, "data.batch_size": 128,
+        "trainer.max_steps": 1_300_000, "trainer.gradient_clip_val": 1.0, "callbacks.ema.decay": 0.999, "net.num_res_blocks": 4,
+    },
+    "cifar10_vpsde": {  # Song et al. 2021 (DDPM++ cont.): beta 0.1 -> 20, EM predictor, no corrector, EMA 0.9999
+        "model.sde": "vp", "model.beta_min": 0.1, "model.beta_max": 20.0, "model.eps": 1e-5, "model.sample_eps": 1e-3,
+        "model.predictor": "euler_maruyama", "model.corrector": "none", "model.sample_steps": 1000, "model.optimizer.lr": 2e-4,
+        "model.scheduler.warmup_steps": 5000, "data.batch_size": 128, "trainer.max_steps": 1_300_000,
+        "trainer.gradient_clip_val": 1.0, "callbacks.ema.decay": 0.9999, "net.num_res_blocks": 4,
+    },
+    "cifar10_edm": {  # Karras et al. 2022, Table 1 and Appendix F (CIFAR-10, VP-sized net, 200 Mimg at batch 512)
+        "model.sigma_data": 0.5, "model.p_mean": -1.2, "model.p_std": 1.2, "model.sample_steps": 18, "model.sigma_min": 0.002,
+        "model.sigma_max": 80.0, "model.rho": 7.0, "model.optimizer.lr": 1e-3, "data.batch_size": 512, "trainer.max_steps": 390_000,
+        "net.dropout": 0.13, "model.scheduler.warmup_steps": 20_000, "callbacks.ema.decay": 0.99965,
+    },
+    "cifar10_cd": {  # Song et al. 2023 (CD on CIFAR-10): N = 18, mu = 0, Adam 4e-4, batch 512, 800k; l2 as LPIPS is unavailable
+        "model.mode": "distill", "model.num_scales": 18, "model.mu": 0.0, "model.loss": "l2", "model.sigma_min": 0.002,
+        "model.sigma_max": 80.0, "model.sigma_data": 0.5, "model.rho": 7.0, "model.optimizer.lr": 4e-4, "data.batch_size": 512,
+        "trainer.max_steps": 800_000, "callbacks.ema.decay": 0.9999, "model.cm_sigmas": [80.0, 0.661],
+    },
+    "cifar10_ict": {  # Song & Dhariwal 2023 (iCT): s0 = 10, s1 = 1280, P_mean -1.1, P_std 2.0, pseudo-Huber, dropout 0.3
+        "model.mode": "train", "model.s0": 10, "model.s1": 1280, "model.p_mean": -1.1, "model.p_std": 2.0,
+        "model.loss": "pseudo_huber", "model.optimizer.lr": 1e-4, "data.batch_size": 1024, "trainer.max_steps": 400_000,
+        "net.dropout": 0.3, "callbacks.ema.decay": 0.99993, "model.cm_sigmas": [80.0, 0.821],
+    },
+    "pusht_ddpm": {  # Chi et al. 2023 (state-based CNN): T = 100, squared cosine, eps, AdamW 1e-4 / 1e-6, horizon 16, 2 obs, 8 actions
+        "model.num_timesteps": 100, "model.schedule": "cosine", "model.prediction": "eps", "model.optimizer._target_": "torch.optim.AdamW",
+        "model.optimizer.lr": 1e-4, "model.optimizer.weight_decay": 1e-6, "data.horizon": 16, "data.n_obs_steps": 2,
+        "data.n_action_steps": 8, "data.obs_keys": ["keypoint", "agent_pos"], "model.scheduler.warmup_steps": 500,
+    },
+    "pusht_bc_mse": {"model.optimizer.lr": 1e-4, "model.optimizer.weight_decay": 1e-6, "data.horizon": 16, "data.n_obs_steps": 2},
+    "pusht_consistency": {"model.mode": "distill", "model.sample_steps": 1, "data.horizon": 16, "data.n_obs_steps": 2},
+}
+NET_PARAMS = {"cifar10_ddpm": (35.5e6, 35.9e6), "cifar10_vesde": (58.5e6, 58.9e6), "pusht_ddpm": (4.4e6, 4.7e6)}
+
+
+def test_every_experiment_has_its_paper_settings_pinned():
+    assert sorted(PAPER) == options("experiment")
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
-def test_every_experiment_composes_and_builds(experiment, tmp_path):
+def test_every_experiment_pins_the_paper_settings_and_builds(experiment, tmp_path):
+    from omegaconf import OmegaConf
+
     cfg = compose_train([f"experiment={experiment}"], tmp_path)
-    _, module = build(cfg)
-    assert sum(p.numel() for p in module.parameters()) > 0
-
-
-def test_cifar10_ddpm_experiment_pins_the_paper_settings(tmp_path):
-    cfg = compose_train(["experiment=cifar10_ddpm"], tmp_path)
-    assert cfg.model.optimizer.lr == 2e-4 and cfg.model.scheduler.warmup_steps == 5000
-    assert cfg.data.batch_size == 128 and cfg.callbacks.ema.decay == 0.9999
-    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.max_steps == 800_000
-    _, module = build(cfg)
-    assert 35.5e6 < sum(p.numel() for p in module.net.parameters()) < 35.9e6
+    for key, value in PAPER[experiment].items():
+        got = OmegaConf.select(cfg, key)
+        got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+        assert got == value, f"{experiment}: {key} = {got!r}, the paper's is {value!r}"
+    _, module = build(cfg, meta=True)
+    n = sum(p.numel() for p in module.net.parameters())
+    low, high = NET_PARAMS.get(experiment, (1, float("inf")))
+    assert low < n < high, n
 
 
 def test_toy_data_switches_to_the_mlp_unless_the_user_picks_a_net(tmp_path):

@@ -194,3 +194,18 @@ def test_module_sample_with_the_exact_score_reproduces_the_mixture():
                   num_scales=20, n_steps_each=100, step_lr=5e-5)
     x = module.sample(N, generator=torch.Generator().manual_seed(12))
     check_matches_mixture(x, MIXTURE)
+
+
+def test_module_sampling_starts_from_sigma_max_noise():
+    """Annealed Langevin mixes well enough to forgive a wrong start (the test above passes from unit noise too),
+    so the start is checked where it enters: the first score evaluation sees x ~ N(0, sigma_max^2 I)."""
+    seen = []
+
+    class Spy(ExactLevelNet):
+        def forward(self, x, noise_level, cond=None):
+            seen.append(x.detach().clone())
+            return super().forward(x, noise_level, cond)
+
+    module = NCSN(Spy(), partial(torch.optim.Adam, lr=1e-3), data_shape=(2,), sigma_max=10.0, sigma_min=0.01, num_scales=5, n_steps_each=2)
+    module.sample(20_000, generator=torch.Generator().manual_seed(13))
+    assert abs(seen[0].std().item() / 10.0 - 1) < 5 / math.sqrt(2 * seen[0].numel()) and abs(seen[0].mean().item()) < 5 * 10 / math.sqrt(40_000)

@@ -26,7 +26,8 @@ def demos() -> dict[str, np.ndarray]:
         pytest.skip("PUSHT_ZARR is not set (path to pusht_cchi_v7_replay.zarr)")
     if not Path(path).exists():
         pytest.skip(f"PUSHT_ZARR={path} does not exist")
-    zarr = pytest.importorskip("zarr")
+    import zarr  # a core dependency
+
     root = zarr.open_group(path, mode="r")
     return {
         "state": np.asarray(root["data/state"][:], dtype=np.float64),

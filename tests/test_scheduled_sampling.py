@@ -262,3 +262,75 @@ def test_train_py_with_input_perturbation(tmp_path):
     run_cli("train.py", "model.input_perturbation=0.1", *TOY, f"hydra.run.dir={tmp_path}")
     losses = [float(r["train/loss"]) for r in _train_log(tmp_path) if r.get("train/loss")]
     assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
+
+
+# --- targets for every prediction, clipping inside the roll-back, cond per rolled row -------------------
+
+
+class OracleNet(nn.Module):
+    """Predicts the right target for each row of a batch whose clean x0 it is told: eps~ = (x - sqrt(abar) x0) /
+    sqrt(1 - abar), x0 itself, or v = sqrt(abar) eps~ - sqrt(1 - abar) x0, from the x it is given."""
+
+    def __init__(self, prediction: str, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self.prediction, self.abar, self.x0 = prediction, alphas_cumprod.double(), None
+
+    def forward(self, x, noise_level, cond=None):
+        if not torch.is_grad_enabled() and self.x0 is not None and self.training_rows != x.shape[0]:
+            return torch.zeros_like(x)  # a roll-back step on a subset of rows: any eps will do
+        a = self.abar[noise_level.long()][:, None]
+        eps = (x.double() - a.sqrt() * self.x0.double()) / (1 - a).sqrt()
+        out = {"eps": eps, "x0": self.x0.double(), "v": a.sqrt() * eps - (1 - a).sqrt() * self.x0.double()}[self.prediction]
+        return out.float()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_the_target_of_a_rolled_back_input_is_the_one_its_own_x_implies(prediction):
+    """For a rolled-back x~_t the target is eps~, x0 or v computed from x~_t and the clean x0 (not the noise that
+    built x_{t+m}): a net predicting exactly that from its input gets zero loss, rolled rows and plain rows alike."""
+    model = ss_model(max_rollback=2, ss_rollback="ancestral", p_start=0.5, p_end=0.5, prediction=prediction)
+    oracle = OracleNet(prediction, model.schedule.alphas_cumprod)
+    model.net = oracle
+    x0 = torch.randn(256, 2, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    oracle.x0, oracle.training_rows = x0, 256
+    model.train()
+    loss = model.loss({"x": x0}, generator=torch.Generator().manual_seed(1))
+    assert loss.item() < 1e-9, loss
+    assert model._rollback_stats["train/rollback_fraction"].item() > 0.3  # the rolled rows were in it
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_the_rollback_step_clips_its_x0_estimate_to_the_data_range(clip):
+    """Deterministic DDIM roll-back (sampler_step, eta 0) from level L to l: x_l = sqrt(abar_l) x0^ + sqrt(1 - abar_l)
+    eps^, with x0^ clipped to [-1, 1] and eps^ recomputed from it when clip_denoised is on."""
+
+    class FarOut(nn.Module):  # eps whose implied x0 is 3 everywhere
+        def __init__(self, abar):
+            super().__init__()
+            self.abar = abar
+
+        def forward(self, x, noise_level, cond=None):
+            a = self.abar[noise_level.long()][:, None]
+            return (x - a.sqrt() * 3.0) / (1 - a).sqrt()
+
+    model = ss_model(ss_rollback="sampler_step", ss_stride=10, eta=0.0, clip_denoised=clip)
+    abar = model.schedule.alphas_cumprod
+    model.net = FarOut(abar)
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(2))
+    level = torch.full((16,), 60)
+    got = model.rollback_step(x, level, None, None)
+    x0 = torch.full_like(x, 1.0 if clip else 3.0)
+    eps = (x - abar[60].sqrt() * x0) / (1 - abar[60]).sqrt()
+    torch.testing.assert_close(got, abar[50].sqrt() * x0 + (1 - abar[50]).sqrt() * eps)
+
+
+def test_each_rolled_row_is_stepped_with_its_own_cond_and_level():
+    model = ss_model(ss_rollback="renoise", max_rollback=3)
+    seen = []
+    step = model.rollback_step
+    model.rollback_step = lambda x, level, cond, g: seen.append((cond.clone(), level.clone())) or step(x, level, None, g)
+    m = torch.tensor([0, 2, 1, 0, 3])
+    cond = torch.arange(5.0)[:, None] * 10
+    model.rollback(torch.randn(5, 2), torch.tensor([9, 8, 7, 6, 5]), m, cond, torch.Generator().manual_seed(0))
+    assert [c[:, 0].tolist() for c, _ in seen] == [[10.0, 20.0, 40.0], [10.0, 40.0], [40.0]]
+    assert [lv.tolist() for _, lv in seen] == [[8, 7, 5], [7, 4], [3]]

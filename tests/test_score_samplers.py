@@ -164,7 +164,8 @@ def test_bits_per_dim_with_dequantization_matches_the_discrete_distribution():
 
 def toy_module(sde="vp", **kw):
     net = MLP((2,), hidden=32, depth=2, emb_dim=16)
-    return ScoreSDE(net, partial(torch.optim.Adam, lr=1e-3), data_shape=(2,), sde=sde, sample_steps=4, **kw)
+    kw = {"sample_steps": 4, **kw}
+    return ScoreSDE(net, partial(torch.optim.Adam, lr=1e-3), data_shape=(2,), sde=sde, **kw)
 
 
 @pytest.mark.parametrize("sde", ["ve", "vp", "subvp"])
