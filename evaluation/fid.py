@@ -39,22 +39,40 @@ def find_inception_weights(path: str | os.PathLike | None = None) -> str | None:
     return None
 
 
+def _missing_weights(err: Exception) -> MissingFileError:
+    return MissingFileError(
+        f"FID needs torch-fidelity's Inception weights ({INCEPTION_FILE}, ~91 MB) and could not load or download "
+        f"them ({type(err).__name__}: {err}). Download {INCEPTION_URL} on a machine with internet and either put it in "
+        f"{Path(torch.hub.get_dir()) / 'checkpoints'} or pass its path (callbacks.quality / evaluate.py: "
+        "inception_weights=PATH, or set DIFFLAB_INCEPTION=PATH). No other network is substituted for it. "
+        f"{NO_FID_HINT}"
+    )
+
+
 def inception_feature_extractor(weights_path: str | None = None) -> nn.Module:
     """torch-fidelity's InceptionV3 ('pt_inception-2015-12-05'), 2048-d pool features, from a local file
-    or the usual cache; downloading it is torch-fidelity's own behaviour and needs the internet."""
+    or the usual cache; downloading it is torch-fidelity's own behaviour and needs the internet. It takes uint8
+    images (B, 3, H, W) and resizes them to 299x299 itself."""
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     local = find_inception_weights(weights_path)
     try:
         return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=local)
     except Exception as err:  # offline download failure surfaces as URLError/OSError/RuntimeError
-        raise MissingFileError(
-            f"FID needs torch-fidelity's Inception weights ({INCEPTION_FILE}, ~91 MB) and could not load or download "
-            f"them ({type(err).__name__}: {err}). Download {INCEPTION_URL} on a machine with internet and either put it in "
-            f"{Path(torch.hub.get_dir()) / 'checkpoints'} or pass its path (callbacks.quality / evaluate.py: "
-            "inception_weights=PATH, or set DIFFLAB_INCEPTION=PATH). No other network is substituted for it. "
-            f"{NO_FID_HINT}"
-        ) from err
+        raise _missing_weights(err) from err
+
+
+def inception_fid(weights_path: str | None, input_img_size: tuple[int, ...]):
+    """torchmetrics' FID with that Inception, taking float images in [0, 1]: it converts them to uint8 itself, which
+    it does only for its built-in extractor (a module passed as `feature` gets the floats, and Inception refuses them)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    local = find_inception_weights(weights_path)
+    try:
+        return FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=local, reset_real_features=False,
+                                        normalize=True, input_img_size=input_img_size)
+    except Exception as err:
+        raise _missing_weights(err) from err
 
 
 class InceptionFID:
@@ -74,13 +92,13 @@ class InceptionFID:
     ):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        custom = feature_extractor is not None
-        extractor = feature_extractor if custom else inception_feature_extractor(inception_weights)
-        self.extractor_id = getattr(extractor, "cache_id", type(extractor).__name__) if custom else "inception2015"
-        # normalize=True: torchmetrics takes float images in [0, 1] (and turns them to uint8 for Inception itself).
-        self.metric = FrechetInceptionDistance(
-            feature=extractor, reset_real_features=False, normalize=True, input_img_size=tuple(datamodule.data_shape)
-        ).to(device)
+        if feature_extractor is None:
+            self.extractor_id = "inception2015"
+            self.metric = inception_fid(inception_weights, tuple(datamodule.data_shape)).to(device)
+        else:  # a stand-in (tests): it gets the float images in [0, 1] as they are
+            self.extractor_id = getattr(feature_extractor, "cache_id", type(feature_extractor).__name__)
+            self.metric = FrechetInceptionDistance(feature=feature_extractor, reset_real_features=False, normalize=True,
+                                                   input_img_size=tuple(datamodule.data_shape)).to(device)
         self.datamodule = datamodule
         self.device = torch.device(device)
         self.batch_size = batch_size
