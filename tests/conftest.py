@@ -31,11 +31,12 @@ def difflab_cache(tmp_path_factory):
 
 
 def run_cli(script: str, *overrides: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run train.py / sample.py as a user would, in the repo root, on one CPU thread."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / script), *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    """Run train.py / sample.py / evaluate.py as a user would, with its exit code and output; in this process
+    (tests/cli_harness.py: no interpreter start-up per call), so `pytest -m "not slow"` spawns no training."""
+    from cli_harness import run_script
+
+    outcome = run_script(script, *overrides)
+    proc = subprocess.CompletedProcess([script, *overrides], outcome.code, outcome.stdout, outcome.stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(overrides)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
