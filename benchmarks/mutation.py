@@ -5,11 +5,17 @@ mutmut (pip install mutmut) changes one operator, constant or name at a time in 
 not fail "survives". This script runs it (resumable: mutmut keeps its results in mutants/ and continues where it
 stopped) and prints, per module, how many mutants were killed (a test failed, or it ran past the timeout) and
 which survived. `--report-only` prints the table from the last run without running anything.
+
+The full set (about 4,400 mutants) takes many hours on 2 cores, because a mutant that survives runs every test
+that reaches its function, the slow mixture-sampler tests among them. `--sample 5` tests a fixed fifth of them
+(those whose name's md5 is 0 mod 5: the same mutants in every run, whatever changed elsewhere), which estimates
+the score to about +-1.2 % (one standard error).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import subprocess
@@ -35,6 +41,10 @@ def module_of(mutant: str) -> str:
     """lightning_modules.ddpm.x_ddim_sample__mutmut_3 -> lightning_modules/ddpm.py"""
     head = re.split(r"\.x[_ǁ]", mutant, maxsplit=1)[0]
     return head.replace(".", "/") + ".py"
+
+
+def in_sample(name: str, every: int) -> bool:
+    return every <= 1 or int(hashlib.md5(name.encode()).hexdigest(), 16) % every == 0
 
 
 def report(status: dict[str, str]) -> str:
@@ -65,13 +75,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--children", type=int, default=os.cpu_count() or 1, help="mutants tested in parallel")
     parser.add_argument("--repo", type=Path, default=ROOT, help="the checkout to mutate (its pyproject.toml has the config)")
+    parser.add_argument("--sample", type=int, default=1, help="test every n-th mutant (a fixed, hash-chosen subset); 1: all")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     if not args.report_only:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run(["mutmut", "run", "--max-children", str(args.children)], cwd=args.repo, env=env, check=False,
+        names = []
+        if args.sample > 1:  # mutmut lists every mutant (generating them) before the run; pick the sample from that list
+            subprocess.run(["mutmut", "run", "--max-children", str(args.children), "__none__"], cwd=args.repo, env=env,
+                           check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            names = [n for n in results(args.repo) if in_sample(n, args.sample)]
+        subprocess.run(["mutmut", "run", "--max-children", str(args.children), *names], cwd=args.repo, env=env, check=False,
                        stdout=sys.stderr)
-    print(report(results(args.repo)))
+    status = {n: s for n, s in results(args.repo).items() if in_sample(n, args.sample)}
+    print(report(status))
 
 
 if __name__ == "__main__":

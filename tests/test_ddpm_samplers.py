@@ -103,9 +103,11 @@ def test_every_ddim_spacing_gives_steps_strictly_decreasing_levels_from_T_minus_
     assert ddim_timesteps(T, T, spacing, schedule).tolist() == list(range(T - 1, -1, -1))
 
 
-def test_quadratic_and_karras_spacings_match_their_definitions():
+def test_every_spacing_matches_its_definition():
     schedule = DiscreteSchedule(make_betas("linear", 1000))
     frac = [1 - k / 9 for k in range(10)]
+    assert ddim_timesteps(1000, 10, "uniform").tolist() == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    assert ddim_timesteps(1000, 10).tolist() == [round(999 * f) for f in frac]  # uniform is the default
     assert ddim_timesteps(1000, 10, "quadratic").tolist() == [round(999 * f * f) for f in frac]
     # karras: each level is the one whose sigma is nearest (in log) to Karras et al.'s rho = 7 grid
     abar = schedule.alphas_cumprod.double()
