@@ -230,6 +230,11 @@ for name, (covered, score) in summary.items():
         verdict = "within" if score <= true_band[1] else f"{score / true_band[1]:.1f}x above"
         print(f"{name:20s} sliced W1 {score:.3f}: {verdict} the true sets' range")
 print("samplers that drop modes:", ", ".join(dropped) if dropped else "none")
+# The lecture's claims, as checks on this run (at the small test settings too): the data and DDPM cover every
+# mode, GAN A does not, and DDPM scores closer to the data than either GAN.
+assert summary["true data"][0] == 8 and summary["DDPM (ancestral)"][0] == 8, summary
+assert summary["GAN A (latent 256)"][0] < 8, summary
+assert summary["DDPM (ancestral)"][1] < min(summary["GAN A (latent 256)"][1], summary["GAN B (latent 2)"][1]), summary
 
 # %% [markdown]
 # ## What to take away

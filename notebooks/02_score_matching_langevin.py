@@ -149,6 +149,8 @@ with torch.no_grad():
               f"{err_low:16.2f} {err_low / (true_grid ** 2).sum(1)[low].mean().item():9.2%}")
 dsm_bias = ((mixture.score(test, sigma=DSM_SIGMA) - true_test) ** 2).sum(1).mean().item()
 print(f"dsm's target itself, the exact score of p_sigma at sigma={DSM_SIGMA}, is {dsm_bias:.4f} from the true score (E_p)")
+e_p = {name: ((as_score(net)(test) - true_test) ** 2).sum(1).mean().item() for name, net in nets.items()}
+assert e_p["ism"] < e_p["dsm"] and e_p["ssm"] < e_p["dsm"], e_p  # dsm learns a smoothed density's score
 
 # %% [markdown]
 # Arrows show directions only (unit length): grey the true score, red the learned one (red hides grey where
@@ -279,6 +281,9 @@ annealed_exact = annealed_langevin(lambda y, i: mixture.score(y, sigma=sigmas[i]
                                    generator=torch.Generator().manual_seed(6))
 print(f"exact scores: plain Langevin share {big_mode_share(plain['exact score']):.3f}, "
       f"annealed Langevin share {big_mode_share(annealed_exact):.3f}  (true weight 0.8)")
+# Plain Langevin gets the weights wrong even with the exact score; annealing repairs most of it (both far
+# outside the binomial noise of these chain counts).
+assert big_mode_share(plain["exact score"]) < 0.65 < 0.7 < big_mode_share(annealed_exact)
 for name, (m, sd) in per_mode_stats(annealed_exact).items():
     print(f"  annealed, mode {name}: mean {m.numpy().round(2)} std {sd.numpy().round(2)}")
 
@@ -355,6 +360,7 @@ shares = {
 print(f"share of samples in the 0.8 mode ({N_CHAINS} chains, same uniform start; binomial std ~{(0.16 / N_CHAINS) ** 0.5:.3f}):")
 for name, share in shares.items():
     print(f"  {name:36s} {share:.3f}   (error {share - 0.8:+.3f})")
+assert shares["annealed Langevin, NCSN"] > shares["plain Langevin, NCSN at sigma_min"] > shares["plain Langevin, exact score"], shares
 
 fig, axes = plt.subplots(1, 4, figsize=(10.5, 2.8), sharex=True, sharey=True)
 for ax, (name, x) in zip(axes, [("plain, exact", plain["exact score"]), ("plain, NCSN", ncsn_plain),

@@ -109,6 +109,9 @@ for name, sch in (("linear", schedule), ("cosine", cosine)):
     abar = sch.alphas_cumprod.double()
     print(f"{name}: abar at t=999 = {float(abar[-1]):.2e} (SNR {float(abar[-1] / (1 - abar[-1])):.1e}); "
           f"SNR falls below 1 at t = {int((abar < 0.5).nonzero()[0])} of 1000")
+# closed forms: abar_999 = prod(1 - beta_t) for Ho et al.'s betas; the cosine schedule's SNR crosses 1 near T/2
+assert abs(float(schedule.alphas_cumprod[-1]) / float(torch.prod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))) - 1) < 1e-4
+assert 480 < int((cosine.alphas_cumprod < 0.5).nonzero()[0]) < 520
 
 # %% [markdown]
 # ## The loss: L_simple
@@ -145,6 +148,8 @@ seconds = fit(module, datamodule, train_steps)
 loss_after = val_loss(module)
 print(f"trained {train_steps} steps (batch {datamodule.batch_size}) in {seconds:.0f} s; "
       f"held-out L_simple {loss_before:.3f} -> {loss_after:.3f} (EMA weights)")
+assert 0.95 < loss_before < 1.05  # an untrained net predicts ~0, and eps has unit variance
+assert loss_after < (0.2 if not SMALL else loss_before)
 
 # %% [markdown]
 # ## Reverse process: what a sampler walks through
@@ -237,3 +242,6 @@ ddim10, ddim50 = rows[2][5], rows[1][5]
 print(f"DDIM-10 vs DDIM-50 at N={n_full}: {ddim10:.2f} vs {ddim50:.2f}, "
       f"{100 * (ddim10 - ddim50) / ddim50:+.0f}% for 5x fewer network evaluations")
 print(f"the full chain took {rows[0][3] / max(rows[2][3], 1e-9) * n_full / n_common:.0f}x more time per sample than DDIM-10")
+assert 14.0 < floor_full < 15.5 and [r[1] for r in rows] == [1000, 50, 10]
+if not SMALL:  # what the text below says, at the default settings
+    assert ddim50 < ddim10 and all(r[4] > 0.5 * floor_common for r in rows), rows

@@ -168,6 +168,10 @@ print(f"{'sampler':26s} {'NFE':>5s} {'SW1':>7s}   mode weights (true {mixture.we
 print(f"{'(floor: true samples)':26s} {'':>5s} {floor:7.4f}")
 for name, (xs, nfe) in runs.items():
     print(f"{name:26s} {nfe:5d} {sliced_wasserstein(xs, reference):7.4f}   {mode_weights(xs).numpy().round(3)}")
+# With the exact score every sampler gets the mode weights right to within 5 binomial standard errors.
+for name, (xs, _) in runs.items():
+    se = (mixture.weights * (1 - mixture.weights) / len(xs)).sqrt()
+    assert ((mode_weights(xs) - mixture.weights).abs() < 5 * se).all(), (name, mode_weights(xs))
 
 fig, axes = plt.subplots(2, 4, figsize=(8.8, 4.6), sharex=True, sharey=True)
 axes[-1, -1].axis("off")
@@ -230,6 +234,7 @@ err = (logp_ode - logp_true).double()
 se = err.std().item() / math.sqrt(len(err))
 print(f"difference of the means {err.mean().item():+.4f} nats, standard error {se:.4f} "
       f"({abs(err.mean().item()) / se:.1f} standard errors); per-point std {err.std().item():.3f} (Hutchinson noise)")
+assert abs(err.mean().item()) < 4 * se  # the ODE likelihood with the exact score is the true log-density
 fig, ax = plt.subplots(figsize=(3.4, 3.2))
 ax.scatter(logp_true, logp_ode, s=4)
 lims = [logp_true.min().item(), logp_true.max().item()]
@@ -330,6 +335,7 @@ print(f"  learned vpsde ({n_train} steps), ODE:  {mean_se(bpd_learned)}  ({nfe_l
 print(f"  exact score, ODE:                  {mean_se(bpd_exact)}  ({nfe_e} NFE)")
 print(f"  closed-form density:               {bpd_true.mean().item():.4f}")
 print(f"  gap learned - exact score (same points): {mean_se(bpd_learned - bpd_exact)} bits/dim")
+assert abs(bpd_exact.mean().item() - bpd_true.mean().item()) < 4 * bpd_exact.double().std().item() / math.sqrt(len(bpd_exact))
 
 # %% [markdown]
 # The exact-score row checks the estimator (it should sit within a couple of standard errors of the closed
@@ -392,6 +398,9 @@ print(f"What one step costs: the consistency model at 1 NFE scores {cd1 / teache
 print(f"Against the floor ({toy_floor:.4f}): teacher {teacher_sw - toy_floor:+.4f}, consistency 1 step {cd1 - toy_floor:+.4f}, "
       f"2 steps {cd2 - toy_floor:+.4f} above it.")
 print(f"total notebook time {time.perf_counter() - T0:.0f} s")
+assert eul1 > 3 * teacher_sw  # one Euler step of the teacher is far from its 35-NFE samples
+if not SMALL:  # at the default settings: distillation makes one step count
+    assert cd1 < 0.5 * eul1 and cd2 < 2 * teacher_sw, (cd1, cd2, eul1, teacher_sw)
 
 # %% [markdown]
 # Reading the table: the teacher forced to one Euler step just returns its denoiser's guess at

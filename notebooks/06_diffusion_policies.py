@@ -165,6 +165,9 @@ print(f"BC-MSE collided in {bc_s['collisions']} of {n_episodes} episodes and rea
       f"{round(bc_s['success_rate'] * n_episodes)} (left {bc_s['left']}, right {bc_s['right']}).")
 print(f"The diffusion policy reached the goal in {round(dp_s['success_rate'] * n_episodes)} of {n_episodes} "
       f"(left {dp_s['left']}, right {dp_s['right']}), collided in {dp_s['collisions']}.")
+if not SMALL:  # the lecture's point, at the default settings: regression averages the routes, diffusion takes both
+    assert dp_s["success_rate"] > bc_s["success_rate"] + 0.3 and bc_s["collisions"] > n_episodes / 2, (dp_s, bc_s)
+    assert min(dp_s["left"], dp_s["right"]) >= 0.25 * (dp_s["left"] + dp_s["right"]), dp_s
 
 # %% [markdown]
 # Regression predicts the mean chunk, and the mean of "left" and "right" is "straight ahead": the collision
