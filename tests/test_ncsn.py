@@ -209,3 +209,9 @@ def test_module_sampling_starts_from_sigma_max_noise():
     module = NCSN(Spy(), partial(torch.optim.Adam, lr=1e-3), data_shape=(2,), sigma_max=10.0, sigma_min=0.01, num_scales=5, n_steps_each=2)
     module.sample(20_000, generator=torch.Generator().manual_seed(13))
     assert abs(seen[0].std().item() / 10.0 - 1) < 5 / math.sqrt(2 * seen[0].numel()) and abs(seen[0].mean().item()) < 5 * 10 / math.sqrt(40_000)
+
+
+def test_sigma_max_from_data_needs_two_points():
+    with pytest.raises(ValueError, match="at least two data points"):
+        sigma_max_from_data(torch.zeros(1, 3))
+    assert sigma_max_from_data(torch.tensor([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0]])) == pytest.approx(5.0)
