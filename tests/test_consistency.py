@@ -622,3 +622,18 @@ def test_multistep_sampling_renoises_to_each_level_from_sigma_min(sigmas):
         r = math.sqrt(S**2 + sigma_min**2) / math.sqrt(S**2 + s**2)
         mean_shift, var = r * mean_shift, r**2 * var
     assert_gaussian(x, mean + mean_shift, math.sqrt(var))
+
+
+def test_ict_logs_its_curriculum_and_a_teacher_must_overlap_the_students_range(tmp_path):
+    import lightning.pytorch as pl
+
+    from datamodules.toy2d import Toy2DDataModule
+
+    model = cm(total_steps=100)
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(model, datamodule=Toy2DDataModule("moons", num_train=256, num_val=64, batch_size=64))
+    assert trainer.callback_metrics["train/num_scales"] == model.num_scales_at(1) > model.num_scales_at(0)
+    student = cm(mode="distill", sigma_min=0.002, sigma_max=80.0)
+    with pytest.raises(ValueError, match="which misses"):
+        student.attach_teacher(FunctionTeacher(gaussian_denoiser, 80.0, 100.0))  # touches the range at one point only

@@ -330,3 +330,17 @@ def test_module_keeps_the_raw_net_and_stores_each_weight_once():
     # replacing the net rebuilds the wrapper around the new one
     module.net = MLP((2,), hidden=8, depth=1, emb_dim=8)
     assert module.precond.net is module.net
+
+
+def test_module_settings_reach_the_sampler_grid_and_the_optimizer():
+    from lightning_modules.lr_schedules import warmup_constant
+
+    module = EDM(MLP((2,), hidden=8, depth=1, emb_dim=8), partial(torch.optim.Adam, lr=1e-3), partial(warmup_constant, warmup_steps=10),
+                 data_shape=(2,), rho=3.0, sample_steps=5, p_std=0.5)
+    torch.testing.assert_close(module.sigmas(), karras_sigmas(5, 0.002, 80.0, 3.0))
+    assert not torch.allclose(module.sigmas(), karras_sigmas(5, 0.002, 80.0, 7.0))
+    optim = module.configure_optimizers()
+    assert isinstance(optim, dict) and optim["lr_scheduler"]["scheduler"] is not None
+    for bad in ({"p_std": 0.0}, {"sigma_data": -1.0}):
+        with pytest.raises(ValueError, match="sigma_data and model.p_std must be positive"):
+            EDM(MLP((2,), hidden=8, depth=1, emb_dim=8), None, data_shape=(2,), **bad)

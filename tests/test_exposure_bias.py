@@ -268,3 +268,77 @@ def test_plots_leave_the_global_matplotlib_backend_alone():
         assert matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(before)
+
+
+# --- targeted: what the mutation run showed no test could see -------------------------------------------
+
+
+def test_ddim_step_with_eta_one_adds_the_ddpm_posterior_std():
+    """Song et al. 2021 eq. 16: eta = 1 gives sigma_t^2 = (1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev), the
+    posterior variance of one DDPM step; with x0 = eps = 0 and unit noise ddim_step returns exactly that sigma."""
+    schedule = DiscreteSchedule(make_betas("linear", 100))
+    abar = schedule.alphas_cumprod.double()
+    for t in (1, 10, 50, 99):
+        sigma = ddpm_module.ddim_step(torch.zeros(1), torch.zeros(1), abar[t], abar[t - 1], 1.0, torch.ones(1))
+        assert sigma.item() == pytest.approx(schedule.posterior_variance[t].double().sqrt().item(), rel=1e-4)  # float32 buffers
+        half = ddpm_module.ddim_step(torch.zeros(1), torch.zeros(1), abar[t], abar[t - 1], 0.5, torch.ones(1))
+        assert half.item() == pytest.approx(0.5 * sigma.item(), rel=1e-6)
+
+
+def test_eps_scaling_schedules_and_the_identity_shortcut():
+    eps_fn = lambda x, t: torch.ones_like(x)  # noqa: E731
+    assert scale_eps(eps_fn, 1.0, "constant") is eps_fn and scale_eps(eps_fn, 1.0, "linear", 0.0) is eps_fn
+    x, t = torch.zeros(3, 2), torch.tensor([0, 10, 100])
+    torch.testing.assert_close(scale_eps(eps_fn, 2.0, "constant")(x, t), torch.full((3, 2), 0.5))
+    linear = scale_eps(eps_fn, 1.0, "linear", 0.01)(x, t)  # lambda_t = 1 + 0.01 t
+    torch.testing.assert_close(linear[:, 0], 1 / (1 + 0.01 * t.float()))
+
+
+def test_shift_levels_can_reach_the_top_level_and_no_further():
+    schedule = DiscreteSchedule(make_betas("linear", 100))
+    pure_noise = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))  # element variance 1: the top level fits
+    levels = shift_levels(pure_noise, 98, schedule, window=3, lowest=0, data_var=torch.tensor(0.0))
+    assert levels.max() == 99 and levels.min() >= 95
+
+
+def test_exposure_summary_against_hand_computed_moments():
+    """Two steps, three rows each: the per-step variances, Ning et al.'s delta = (sqrt(s) - sqrt(q))^2, the
+    unbiased across-row marginal variance and the summary figures, from sums written out by hand."""
+    from lightning_modules.exposure_bias import _summarise
+
+    class Nfe:
+        def nfe(self, sampler, steps):
+            return 7
+
+    count = [torch.tensor(3.0), torch.tensor(3.0)]
+    rows = torch.tensor([[1.0, 2.0], [3.0, 5.0], [4.0, 4.0]])  # three rows' values of a 2-element sample at step 0
+    s1 = [rows.sum(0), 2 * rows.sum(0)]
+    s2 = [(rows**2).sum(0), 4 * (rows**2).sum(0)]
+    sums = {"count": count, "t": [torch.tensor(30.0), torch.tensor(0.0)], "q_var": [torch.tensor(3.0), torch.tensor(0.3)],
+            "sampler_sq": [torch.tensor(12.0), torch.tensor(0.6)], "err_sampler": [torch.tensor(6.0), torch.tensor(3.0)],
+            "err_forward": [torch.tensor(3.0), torch.tensor(3.0)], "s1": s1, "s2": s2, "f1": s1, "f2": s2}
+    out = _summarise(Nfe(), sums, "ddim", 2)
+    torch.testing.assert_close(out["t"], torch.tensor([10.0, 0.0]))
+    torch.testing.assert_close(out["q_var"], torch.tensor([1.0, 0.1]))
+    torch.testing.assert_close(out["sampler_var"], torch.tensor([4.0, 0.2]))
+    torch.testing.assert_close(out["delta"], torch.tensor([1.0, (0.2**0.5 - 0.1**0.5) ** 2]))
+    unbiased = rows.var(0, unbiased=True).mean()
+    torch.testing.assert_close(out["marginal_var_sampler"], torch.stack([unbiased, 4 * unbiased]))
+    assert out["delta_sum"] == pytest.approx(float(out["delta"].sum())) and out["nfe"] == 7
+    assert out["mean_gap"] == pytest.approx((3.0 + 0.1) / 2) and out["mean_ratio"] == pytest.approx((4.0 + 2.0) / 2)
+    assert set(PER_STEP) <= set(out)
+
+
+def test_exposure_of_a_conditional_model_passes_each_rows_cond():
+    """A conditional exact eps (data modes shifted by cond): the measurement's denoiser and sampler must see each
+    row's own cond; with it the perfect ancestral sampler keeps the forward marginal, as without cond."""
+    from test_teachers import CondDDPMNet, mixture_for
+
+    module = DDPM(nn.Identity(), None, data_shape=(2,), cond_dim=2, num_timesteps=100, variance="posterior")
+    module.net = CondDDPMNet(module.schedule, "eps")
+    g = torch.Generator().manual_seed(0)
+    cond = torch.randn(256, 2, generator=g) * 3
+    x0 = torch.cat([m.sample(1, g) for m in mixture_for(cond)])
+    ex = measure_exposure_bias(module, x0, "ancestral", None, torch.Generator().manual_seed(1), cond=cond, batch_size=128)
+    ratio = ex["marginal_var_sampler"] / ex["marginal_var_forward"]
+    assert (ratio - 1).abs().max() < 5 * math.sqrt(2 / 256) * 2, ratio  # both columns are sample variances of 256 rows

@@ -51,7 +51,7 @@ def test_rollback_probability_moves_linearly_and_then_stays():
         ss_model(p_start=0.0, p_end=0.8).rollback_prob(3)
 
 
-@pytest.mark.parametrize("max_rollback,p", [(1, 0.3), (3, 0.6)])
+@pytest.mark.parametrize("max_rollback,p", [(1, 0.3), (2, 0.5), (3, 0.6)])
 def test_rollback_depths_follow_their_definition(max_rollback, p):
     n = 20000
     model = ss_model(max_rollback=max_rollback)
@@ -334,3 +334,29 @@ def test_each_rolled_row_is_stepped_with_its_own_cond_and_level():
     model.rollback(torch.randn(5, 2), torch.tensor([9, 8, 7, 6, 5]), m, cond, torch.Generator().manual_seed(0))
     assert [c[:, 0].tolist() for c, _ in seen] == [[10.0, 20.0, 40.0], [10.0, 40.0], [40.0]]
     assert [lv.tolist() for _, lv in seen] == [[8, 7, 5], [7, 4], [3]]
+
+
+def test_training_logs_the_rollback_statistics_and_validation_uses_the_plain_loss(tmp_path):
+    import lightning.pytorch as pl
+
+    from datamodules.toy2d import Toy2DDataModule
+
+    model = ss_model(max_rollback=2, p_start=1.0, p_end=1.0, ss_rollback="renoise")
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=1,
+                         val_check_interval=2, check_val_every_n_epoch=None)
+    trainer.fit(model, datamodule=Toy2DDataModule("moons", num_train=256, num_val=64, batch_size=64))
+    logged = trainer.callback_metrics
+    assert logged["train/rollback_fraction"] == 1.0 and logged["train/rollback_p"] == 1.0
+    assert 1.0 <= logged["train/rollback_extra_forwards"] <= 2.0
+    # validation is DDPM's loss on forward-noised inputs, whatever p is (no roll-back in eval mode)
+    model.eval()
+    batch = {"x": torch.randn(64, 2, generator=torch.Generator().manual_seed(0))}
+    plain = DDPM.loss(model, batch, torch.Generator().manual_seed(1))
+    assert torch.equal(model.loss(batch, torch.Generator().manual_seed(1)), plain)
+
+
+def test_rollback_probabilities_must_be_probabilities():
+    for p_start, p_end in ((1.5, 0.5), (0.5, 1.5), (-0.1, 0.5), (0.5, -0.1)):
+        with pytest.raises(ValueError, match="probabilities"):
+            ss_model(p_start=p_start, p_end=p_end)
