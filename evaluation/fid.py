@@ -49,22 +49,11 @@ def _missing_weights(err: Exception) -> MissingFileError:
     )
 
 
-def inception_feature_extractor(weights_path: str | None = None) -> nn.Module:
-    """torch-fidelity's InceptionV3 ('pt_inception-2015-12-05'), 2048-d pool features, from a local file
-    or the usual cache; downloading it is torch-fidelity's own behaviour and needs the internet. It takes uint8
-    images (B, 3, H, W) and resizes them to 299x299 itself."""
-    from torchmetrics.image.fid import NoTrainInceptionV3
-
-    local = find_inception_weights(weights_path)
-    try:
-        return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=local)
-    except Exception as err:  # offline download failure surfaces as URLError/OSError/RuntimeError
-        raise _missing_weights(err) from err
-
-
 def inception_fid(weights_path: str | None, input_img_size: tuple[int, ...]):
-    """torchmetrics' FID with that Inception, taking float images in [0, 1]: it converts them to uint8 itself, which
-    it does only for its built-in extractor (a module passed as `feature` gets the floats, and Inception refuses them)."""
+    """torchmetrics' FID with torch-fidelity's InceptionV3 ('pt_inception-2015-12-05', 2048-d pool features) from a
+    local file or the usual cache (downloading it is torch-fidelity's own behaviour and needs the internet). It takes
+    float images in [0, 1] and converts them to uint8 itself, which it does only for its built-in extractor (a module
+    passed as `feature` gets the floats, and Inception refuses them)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     local = find_inception_weights(weights_path)

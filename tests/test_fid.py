@@ -6,7 +6,7 @@ from torch import nn
 
 from callbacks.quality import shard_size
 from evaluation import fid as fid_module
-from evaluation.fid import INCEPTION_FILE, InceptionFID, find_inception_weights, inception_feature_extractor
+from evaluation.fid import INCEPTION_FILE, InceptionFID, find_inception_weights, inception_fid
 from tests_support_features import MeanColourFeatures
 
 
@@ -74,7 +74,7 @@ def test_missing_inception_weights_fail_clearly_and_never_fall_back(tmp_path, mo
 
     monkeypatch.setattr(tf_inception, "URL_INCEPTION_V3", "http://127.0.0.1:9/" + INCEPTION_FILE)
     with pytest.raises(FileNotFoundError, match="DIFFLAB_INCEPTION") as err:
-        inception_feature_extractor()
+        inception_fid(None, (3, 32, 32))
     assert INCEPTION_FILE in str(err.value) and "No other network" in str(err.value)
 
 

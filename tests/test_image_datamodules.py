@@ -317,7 +317,10 @@ def test_image_datamodules_measure_fid_with_the_injected_extractor(cifar_root, m
     from tests_support_features import MeanColourFeatures
 
     monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(fid, "inception_feature_extractor", lambda weights=None: MeanColourFeatures())
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    monkeypatch.setattr(fid, "inception_fid", lambda weights, size: FrechetInceptionDistance(
+        feature=MeanColourFeatures(), reset_real_features=False, normalize=True, input_img_size=size))
     metric = cifar(cifar_root).make_metric()
     assert metric.name == "fid" and (tmp_path / "cache" / "fid_stats" / "cifar10_32_inception2015.pt").is_file()
     real = torch.cat([b["x"] for b in cifar(cifar_root).real_images_for_fid("val")])
