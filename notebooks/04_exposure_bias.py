@@ -330,6 +330,7 @@ def row(model, sampler, fix="-"):
     return next(r for r in table if (r["model"], r["sampler"], r["fix"]) == (model, sampler, fix))
 
 
+misleading = []
 for sampler_name in SAMPLERS:
     base = row("plain DDPM", sampler_name)
     for r in table:
@@ -343,6 +344,7 @@ for sampler_name in SAMPLERS:
                    f"{base['marg_var_ratio']:.2f} -> {r['marg_var_ratio']:.2f}")
         if d_word == "lower" and q_word == "worse":
             verdict += ": a smaller exposure figure with worse samples, so delta_sum must not be read alone"
+            misleading.append((sampler_name, r["model"], r["fix"]))
         label = r["model"] if r["fix"] == "-" else f"plain DDPM + {r['fix']}"
         print(f"{sampler_name:>9} | {label:<30} sliced W1 {base['quality']:.4f} -> {r['quality']:.4f}, "
               f"delta_sum {base['delta_sum']:.3g} -> {r['delta_sum']:.3g}: {verdict}")
@@ -353,5 +355,5 @@ print("One seed and short runs: differences smaller than the seed-to-seed spread
 assert all(np.isfinite(r["delta_sum"]) and r["delta_sum"] > 0 for r in table)
 if not SMALL:  # the claims this notebook's text makes, at its default settings
     assert gap > 2, gap  # the deterministic 10-step sampler is clearly worse than the full chain on this toy
-    assert row("SS sampler_step (stride 100)", "DDIM-10")["delta_sum"] < row("plain DDPM", "DDIM-10")["delta_sum"]
     assert row("SS sampler_step (stride 100)", "DDIM-10")["quality"] > row("plain DDPM", "DDIM-10")["quality"]
+    assert misleading, "no row shows a lower delta_sum with worse samples, which the text above says can happen"
