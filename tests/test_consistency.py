@@ -637,3 +637,36 @@ def test_ict_logs_its_curriculum_and_a_teacher_must_overlap_the_students_range(t
     student = cm(mode="distill", sigma_min=0.002, sigma_max=80.0)
     with pytest.raises(ValueError, match="which misses"):
         student.attach_teacher(FunctionTeacher(gaussian_denoiser, 80.0, 100.0))  # touches the range at one point only
+
+
+# --- settings and their limits (each bound checked on both sides) ---------------------------------------
+
+
+def test_pseudo_huber_is_its_closed_form_and_the_precond_defaults_to_sigma_data_half():
+    diff = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    torch.testing.assert_close(pseudo_huber(diff, c0=0.5), torch.tensor([math.sqrt(12.5 + 0.25) - 0.5, 0.0]))
+    assert ConsistencyPrecond(small_mlp()).sigma_data == 0.5
+
+
+@pytest.mark.parametrize("bad", [dict(sigma_min=0.0), dict(mu=1.5), dict(num_scales=5, s0=0), dict(sigma_data=0.0),
+                                 dict(cm_sigmas=[80.0, 10.0, 0.002]), dict(cm_sigmas=[10.0, 10.0, 1.0]),
+                                 dict(cm_sigmas=[100.0, 1.0])])
+def test_out_of_range_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        cm(**bad)
+
+
+def test_settings_on_the_edge_of_their_range_are_accepted():
+    cm(s0=1, s1=1, p_std=1.0, cm_sigmas=[80.0 * (1 + 1e-6), 1.0])
+
+
+def test_a_teacher_given_to_consistency_training_is_reported_as_ignored():
+    with pytest.warns(UserWarning, match="ignored"):
+        cm(mode="train", teacher_ckpt="teacher.ckpt")
+
+
+def test_distillation_draws_every_adjacent_pair_of_the_grid():
+    model = cm(mode="distill", num_scales=4)
+    hi, lo = model.pair(3000, "cpu", torch.Generator().manual_seed(0))
+    grid = model.grid(4, "cpu")
+    assert sorted(set(hi.tolist())) == sorted(grid[:-1].tolist()) and sorted(set(lo.tolist())) == sorted(grid[1:].tolist())

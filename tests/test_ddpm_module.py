@@ -154,3 +154,11 @@ def test_loss_gradient_vanishes_at_the_exact_prediction(prediction):
     se = lambda g: g.std().item() / math.sqrt(len(g))  # noqa: E731
     assert abs(at_optimum.mean().item()) < 5 * se(at_optimum), (at_optimum.mean(), se(at_optimum))
     assert perturbed.mean().item() > 5 * se(perturbed), (perturbed.mean(), se(perturbed))
+
+
+def test_an_eps_scale_schedule_reaching_zero_at_the_last_step_is_refused():
+    make = lambda slope: DDPM(MLP((2,)), partial(torch.optim.Adam), data_shape=(2,), num_timesteps=11, sample_steps=10, eps_scale=1.0,
+                              eps_scale_schedule="linear", eps_scale_slope=slope)
+    make(-0.09)  # 1 - 0.09 * 10 > 0 at t = 10
+    with pytest.raises(ValueError, match="eps_scale"):
+        make(-0.1)  # exactly 0 at t = num_timesteps - 1

@@ -138,3 +138,19 @@ def test_the_end_of_training_checkpoint_holds_the_raw_weights_and_the_ema(tmp_pa
     average = torch.cat([v.flatten() for k, v in saved["state_dict"].items() if k.startswith("net.")])
     torch.testing.assert_close(raw, recorder.raw[7], rtol=0, atol=0)
     torch.testing.assert_close(average, flat(ema._average_model.module), rtol=0, atol=0)
+
+
+def test_nested_ema_contexts_keep_the_average_until_the_outermost_ends(tmp_path):
+    recorder, ema = Recorder(), EMA(decay=0.9)
+    model = fit(tmp_path, 4, ema, recorder)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # raw weights now differ from the average
+    raw = flat(model)
+    with ema.average_weights(model):
+        average = flat(model)
+        assert not torch.equal(average, raw)
+        with ema.average_weights(model):
+            assert torch.equal(flat(model), average)
+        assert torch.equal(flat(model), average)
+    assert torch.equal(flat(model), raw)

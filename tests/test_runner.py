@@ -108,3 +108,12 @@ def test_finished_episodes_leave_the_batch_and_max_steps_cuts_the_rest():
     assert not any(r["success"] for r in cut)
     scores = summarize(results)
     assert scores["num_episodes"] == 2 and scores["mean_length"] == 13 and scores["success_rate"] == 1.0
+
+
+def test_route_shares_count_successful_episodes_only():
+    ep = lambda success, route: {"max_reward": float(success), "success": success, "length": 5, "route": route}
+    out = summarize([ep(True, -1), ep(True, -1), ep(True, 1), ep(False, 1), ep(False, 1)])
+    assert out["route_left"] == 2 / 3 and out["route_right"] == 1 / 3 and out["success_rate"] == 0.6
+    none = summarize([ep(False, -1), ep(False, 1)])
+    assert none["route_left"] == 0.0 and none["route_right"] == 0.0
+    assert "route_left" not in summarize([{"max_reward": 0.0, "success": False, "length": 3}])

@@ -360,3 +360,7 @@ def test_rollback_probabilities_must_be_probabilities():
     for p_start, p_end in ((1.5, 0.5), (0.5, 1.5), (-0.1, 0.5), (0.5, -0.1)):
         with pytest.raises(ValueError, match="probabilities"):
             ss_model(p_start=p_start, p_end=p_end)
+
+
+def test_the_default_rollback_is_bengio_s_single_step():
+    assert ss_model().max_rollback == 1

@@ -77,3 +77,10 @@ def test_prediction_conversions_round_trip():
     torch.testing.assert_close(sched.x0_from_eps(x_t, t, eps), x0, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(sched.eps_from_x0(x_t, t, x0), eps, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(sched.eps_from_v(x_t, t, sched.v_target(x0, t, eps)), eps, atol=1e-5, rtol=1e-5)
+
+
+def test_betas_must_lie_in_the_open_unit_interval():
+    DiscreteSchedule(torch.tensor([0.1, 0.999]))
+    for bad in (1.0, 0.0, 1.5):
+        with pytest.raises(ValueError, match="betas"):
+            DiscreteSchedule(torch.tensor([0.1, bad]))

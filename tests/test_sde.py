@@ -150,3 +150,18 @@ def test_make_sde_names_and_errors():
         make_sde("vpp")
     with pytest.raises(ValueError):
         VESDE(1.0, 0.5)
+
+
+def test_defaults_are_song_et_al_s_and_the_bounds_are_strict():
+    ve, vp = VESDE(), VPSDE()
+    assert (ve.sigma_min, ve.sigma_max, vp.beta_min, vp.beta_max) == (0.01, 50.0, 0.1, 20.0)
+    with pytest.raises(ValueError):
+        VPSDE(beta_min=0.0)
+
+
+def test_prior_sample_draws_from_its_generator_alone_and_defaults_to_the_cpu():
+    sde = VESDE()
+    a, b = (sde.prior_sample((4000, 2), generator=torch.Generator().manual_seed(s)) for s in (0, 0))
+    assert torch.equal(a, b) and not torch.equal(a, sde.prior_sample((4000, 2), generator=torch.Generator().manual_seed(1)))
+    x = sde.prior_sample((4000, 2))
+    assert x.device.type == "cpu" and abs(x.std().item() / 50.0 - 1) < 0.05
