@@ -342,3 +342,12 @@ def test_exposure_of_a_conditional_model_passes_each_rows_cond():
     ex = measure_exposure_bias(module, x0, "ancestral", None, torch.Generator().manual_seed(1), cond=cond, batch_size=128)
     ratio = ex["marginal_var_sampler"] / ex["marginal_var_forward"]
     assert (ratio - 1).abs().max() < 5 * math.sqrt(2 / 256) * 2, ratio  # both columns are sample variances of 256 rows
+
+
+def test_a_constant_eps_scale_ignores_the_linear_slope():
+    from lightning_modules.ddpm import scale_eps
+
+    eps = lambda x, t: x + t[:, None].to(x.dtype)
+    x, t = torch.ones(3, 2), torch.tensor([0, 5, 9])
+    torch.testing.assert_close(scale_eps(eps, 2.0, "constant", slope=0.5)(x, t), eps(x, t) / 2.0)
+    torch.testing.assert_close(scale_eps(eps, 2.0, "linear", slope=0.5)(x, t), eps(x, t) / (2.0 + 0.5 * t[:, None]))
