@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import run_cli
+from conftest import ExactDDPMNet, run_cli
 from lightning_modules.analytic import GaussianMixture
 from lightning_modules.checkpoint import build_model
 from lightning_modules.consistency import (
@@ -97,21 +97,9 @@ def test_coefficients_match_the_paper_and_approach_edm_at_large_sigma():
 # --- teachers: the VP -> VE change of variables against the exact mixture denoiser ---------------------
 
 
-class MixtureEps(nn.Module):
+def MixtureEps(schedule, prediction="eps"):
     """A DDPM 'net' that returns the mixture's exact eps (or x0 / v) at integer step t."""
-
-    def __init__(self, schedule, prediction="eps"):
-        super().__init__()
-        self.schedule, self.prediction = schedule, prediction
-
-    def forward(self, x, t, cond=None):
-        i = t.round().long()
-        a = self.schedule.sqrt_alphas_cumprod[i].double()
-        s = self.schedule.sqrt_one_minus_alphas_cumprod[i].double()
-        eps = -s[:, None] * MIXTURE.score(x.double(), a, s)
-        x0 = (x.double() - s[:, None] * eps) / a[:, None]
-        out = {"eps": eps, "x0": x0, "v": a[:, None] * eps - s[:, None] * x0}[self.prediction]
-        return out.to(x.dtype)
+    return ExactDDPMNet(schedule, lambda x, a, s, cond: MIXTURE.score(x, a, s), prediction)
 
 
 class MixtureScoreNet(nn.Module):

@@ -5,6 +5,7 @@ from functools import partial
 import pytest
 import torch
 
+from conftest import assert_loss_optimum_at_zero
 from lightning_modules.ddpm import DDPM
 from lightning_modules.nets import MLP
 
@@ -132,28 +133,13 @@ def test_loss_gradient_vanishes_at_the_exact_prediction(prediction):
     """E[eps | x_t], E[x0 | x_t] and E[v | x_t] minimise L_simple for their parametrisations: along the exact net
     + a x the expected gradient is 0 at a = 0 and positive at a = 0.5 (16 batch gradients, 5 standard errors).
     A wrong target (eps for v, a sign flip in v, a wrong q(x_t | x0)) moves the minimum."""
-    import math
-
     from test_ddpm_samplers import MIXTURE
 
     model = make_ddpm(prediction)
     net = ExactPredictionNet(MIXTURE, model.schedule, prediction)
     model.net = net
 
-    def gradients(a: float) -> torch.Tensor:
-        with torch.no_grad():
-            net.a.fill_(a)
-        grads = []
-        for k in range(16):
-            batch = {"x": MIXTURE.sample(1000, torch.Generator().manual_seed(500 + k))}
-            (g,) = torch.autograd.grad(model.loss(batch, torch.Generator().manual_seed(600 + k)), net.a)
-            grads.append(g.item())
-        return torch.tensor(grads, dtype=torch.float64)
-
-    at_optimum, perturbed = gradients(0.0), gradients(0.5)
-    se = lambda g: g.std().item() / math.sqrt(len(g))  # noqa: E731
-    assert abs(at_optimum.mean().item()) < 5 * se(at_optimum), (at_optimum.mean(), se(at_optimum))
-    assert perturbed.mean().item() > 5 * se(perturbed), (perturbed.mean(), se(perturbed))
+    assert_loss_optimum_at_zero(model.loss, net.a, MIXTURE.sample, 0.5, seed=500)
 
 
 def test_an_eps_scale_schedule_reaching_zero_at_the_last_step_is_refused():

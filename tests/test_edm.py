@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import assert_loss_optimum_at_zero
 from lightning_modules.analytic import GaussianMixture
 from lightning_modules.edm import EDM, EDMPrecond, edm_euler_sample, edm_heun_sample, karras_sigmas
 from lightning_modules.nets import MLP
@@ -239,20 +240,7 @@ def test_loss_gradient_vanishes_at_the_exact_denoiser():
     net = AnalyticNet(MIXTURE)
     module = edm_module(net)
 
-    def gradients(a: float, batches: int = 16) -> torch.Tensor:
-        grads = []
-        with torch.no_grad():
-            net.a.fill_(a)
-        for k in range(batches):
-            batch = {"x": MIXTURE.sample(1000, torch.Generator().manual_seed(100 + k))}
-            (grad,) = torch.autograd.grad(module.loss(batch, torch.Generator().manual_seed(200 + k)), net.a)
-            grads.append(grad.item())
-        return torch.tensor(grads, dtype=torch.float64)
-
-    at_optimum, perturbed = gradients(0.0), gradients(0.1)
-    se = lambda g: g.std().item() / math.sqrt(len(g))  # noqa: E731
-    assert abs(at_optimum.mean().item()) < 5 * se(at_optimum), (at_optimum.mean(), se(at_optimum))
-    assert perturbed.mean().item() > 5 * se(perturbed), (perturbed.mean(), se(perturbed))
+    assert_loss_optimum_at_zero(module.loss, net.a, MIXTURE.sample, 0.1, seed=100)
 
 
 def toy_module(cond_dim=None, **kw):

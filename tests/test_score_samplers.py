@@ -11,6 +11,7 @@ from functools import partial
 import pytest
 import torch
 
+from conftest import assert_loss_optimum_at_zero
 from lightning_modules.analytic import GaussianMixture
 from lightning_modules.nets import MLP
 from lightning_modules.score_sde import ScoreSDE
@@ -274,20 +275,7 @@ def test_loss_gradient_vanishes_at_the_exact_score(sde, likelihood_weighting):
     net = ExactScoreNet(MIXTURE, module.sde, sde)
     module.net = net
 
-    def gradients(a: float, batches: int = 16) -> torch.Tensor:
-        with torch.no_grad():
-            net.a.fill_(a)
-        grads = []
-        for k in range(batches):
-            batch = {"x": MIXTURE.sample(1000, torch.Generator().manual_seed(300 + k))}
-            (grad,) = torch.autograd.grad(module.loss(batch, torch.Generator().manual_seed(400 + k)), net.a)
-            grads.append(grad.item())
-        return torch.tensor(grads, dtype=torch.float64)
-
-    at_optimum, perturbed = gradients(0.0), gradients(0.5)
-    se = lambda g: g.std().item() / math.sqrt(len(g))  # noqa: E731
-    assert abs(at_optimum.mean().item()) < 5 * se(at_optimum), (at_optimum.mean(), se(at_optimum))
-    assert perturbed.mean().item() > 5 * se(perturbed), (perturbed.mean(), se(perturbed))
+    assert_loss_optimum_at_zero(module.loss, net.a, MIXTURE.sample, 0.5, seed=300)
 
 
 class ZeroNet(torch.nn.Module):

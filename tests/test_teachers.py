@@ -4,12 +4,11 @@ the DDPM teacher's fractional step between and beyond its grid, and the bookkeep
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
 
+from conftest import ExactDDPMNet
 from lightning_modules.analytic import GaussianMixture
 from lightning_modules.ddpm import DDPM
 from lightning_modules.edm import EDM
@@ -29,19 +28,10 @@ def rowwise(fn, x, cond, *per_row):
     return torch.cat([fn(m, x[i : i + 1], *(p[i : i + 1] for p in per_row)) for i, m in enumerate(mixture_for(cond))])
 
 
-class CondDDPMNet(nn.Module):
-    def __init__(self, schedule, prediction):
-        super().__init__()
-        self.schedule, self.prediction = schedule, prediction
-
-    def forward(self, x, t, cond=None):
-        i = t.round().long()
-        a = self.schedule.sqrt_alphas_cumprod[i].double()
-        s = self.schedule.sqrt_one_minus_alphas_cumprod[i].double()
-        score = rowwise(lambda m, xr, ar, sr: m.score(xr.double(), ar, sr), x, cond, a, s)
-        eps = -s[:, None] * score
-        x0 = (x.double() - s[:, None] * eps) / a[:, None]
-        return {"eps": eps, "x0": x0, "v": a[:, None] * eps - s[:, None] * x0}[self.prediction].to(x.dtype)
+def CondDDPMNet(schedule, prediction):
+    """The exact eps (or x0 / v) of the mixture that `cond` selects, row by row."""
+    return ExactDDPMNet(schedule, lambda x, a, s, cond: rowwise(lambda m, xr, ar, sr: m.score(xr, ar, sr), x, cond, a, s),
+                        prediction)
 
 
 class CondScoreNet(nn.Module):
