@@ -1,11 +1,12 @@
 """What every method shares: optimisation, logging, validation with fixed noise, RNG in checkpoints.
 
-A method subclasses `DiffusionModule` and implements `loss(batch, generator)`
-and `sample(num_samples, cond=None, sampler=None, steps=None, generator=None)`.
+A method subclasses `DiffusionModule` and implements `loss(batch, generator)`, `denoise(x, sigma, cond)` in the
+VE form and `sigma_range`; sampling (every sampler of the `samplers` registry) comes from here.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Callable
 
@@ -14,25 +15,29 @@ import numpy as np
 import torch
 from torch import nn
 
+import samplers
 from difflab.errors import ConfigError, TrainingDiverged
+from lightning_modules.exposure_fixes import scale_eps
+from samplers import grids
+from samplers.likelihood import dequantize, log_likelihood
 
 VAL_SEED = 12345  # validation noise is fixed so val/loss is comparable across steps
 
-# Which methods take the sampling options sample.py / evaluate.py / policies pass, for the refusal message.
-OPTION_OWNERS = {
-    "steps": "every method but bc_mse",
-    "eta": "the DDPM family's ddim sampler (model=ddpm, scheduled_sampling)",
-    "ddim_spacing": "the DDPM family's ddim and dpmpp_2m samplers",
-    "eps_scale": "the DDPM family (model=ddpm, scheduled_sampling)",
-    "time_shift_window": "the DDPM family's ancestral and ddim samplers",
-}
-
-
 class DiffusionModule(pl.LightningModule):
+    """A method: a loss, and for sampling a VE-form denoiser with its noise range, native grid and defaults.
+
+    The sampling contract lives here once: sample() resolves the sampler in the `samplers` registry, refuses
+    options it does not take, builds the grid, draws the prior and runs the sampler on `denoise`.
+    """
+
     sampler: str = ""  # the default sampler (a method's config sets it)
-    # The options each sampler takes beyond num_samples/cond/generator (what sample.py, evaluate.py and policies
-    # may pass); check_sampling refuses the others by name instead of ignoring them.
-    sampler_options: dict[str, tuple[str, ...]] = {}
+    sample_steps: int = 1
+    # What the model provides: samplers.DENOISER (E[x0 | x]) or samplers.CONSISTENCY (an ODE trajectory's end).
+    provides: str = samplers.DENOISER
+    # Options a method adds to some samplers (wrappers around its denoiser or grid), by sampler name.
+    method_options: dict[str, tuple[str, ...]] = {}
+    # Samplers whose grid is fixed by the method (so `steps` is refused), e.g. DDPM's ancestral over all levels.
+    fixed_grid: tuple[str, ...] = ()
     # The cheapest valid setting, for trainer.fast_dev_run (a config check, not a figure).
     quick_sampling: dict = {}
 
@@ -59,47 +64,162 @@ class DiffusionModule(pl.LightningModule):
     def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def sample(self, num_samples: int, cond=None, sampler=None, steps=None, generator=None, **kwargs) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
+        """D(x; sigma) ~ E[x0 | x0 + sigma n = x] in the VE form, sigma a scalar or (B,)."""
         raise NotImplementedError
 
-    def nfe(self, sampler: str | None = None, steps: int | None = None) -> int:
-        """Network evaluations per sample for a sampler setting (reported beside every quality figure)."""
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        """The (sigma_min, sigma_max) the denoiser was trained on, in the VE form."""
         raise NotImplementedError
+
+    def grid(self, sampler: str, steps: int, options: dict | None = None) -> torch.Tensor:
+        """The method's native levels for `sampler` (decreasing float64 sigmas): Karras' rho = 7 grid and a final 0
+        unless a method knows better (its trained table, its time grid)."""
+        lo, hi = self.sigma_range
+        return grids.append_zero(grids.karras(steps, lo, hi, 7.0))
+
+    def prior_std(self, sigma: float) -> float:
+        """The std of the VE-form state at the first level: sigma for VE methods, more where the method's own prior
+        is unit noise in scaled coordinates (a VP x_T ~ N(0, I) is x_T / sqrt(abar) in VE form)."""
+        return sigma
+
+    def to_ve(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """A state in the method's own coordinates at level sigma, in the VE form (identity for VE methods)."""
+        return x
+
+    def sampling_defaults(self, sampler: str) -> dict:
+        """The module's settings for the sampler's options (from its config); a call overrides them."""
+        return {}
+
+    def eps_lambda(self, eps_scale: float):
+        """Epsilon Scaling's lambda (a constant here; the DDPM family also has a linear schedule in t)."""
+        return float(eps_scale)
+
+    def sampling_denoiser(self, cond, sampler: str, options: dict):
+        """The denoiser the samplers see: the method's, with Epsilon Scaling when eps_scale is set, clipped to the
+        data range with clip_denoised (every x0 estimate, as DDPM's x0 clip); a method may wrap it further."""
+        denoiser = lambda x, sigma: self.denoise(x, sigma, cond)  # noqa: E731
+        if options.get("eps_scale") is not None:
+            denoiser = scale_eps(denoiser, self.eps_lambda(float(options["eps_scale"])))
+        return samplers.clipped(denoiser) if self.clip_denoised else denoiser
+
+    def refusal(self, sampler: str) -> str | None:
+        """Why `sampler` is not defined for this method, or None."""
+        spec = samplers.get(sampler)
+        if spec.needs == self.provides:
+            return None
+        if self.provides == samplers.CONSISTENCY:
+            return "a consistency function's output is the end of its ODE trajectory, not E[x0 | x]: only sampler=cm is defined"
+        return "cm needs a consistency function: one denoiser call at sigma_max gives E[x0 | x_T], near the data mean, not a sample"
+
+    def resolve_sampler(self, sampler: str | None) -> str:
+        """A method's own name for a registry sampler (ScoreSDE's 'ode'), or the name itself."""
+        return sampler or self.sampler
+
+    # --- the sampling contract ---------------------------------------------------------------
+    def samplers(self) -> list[str]:
+        """The registry samplers defined for this method."""
+        return [name for name in samplers.SAMPLERS if self.refusal(name) is None]
 
     def check_sampling(self, sampler: str | None = None, **options) -> str:
-        """The sampler to use, after refusing options it does not take (None values are "not given")."""
+        """The registry sampler to use, after refusing undefined samplers and options it does not take (None values
+        are "not given")."""
         name = type(self).__name__
-        sampler = sampler or self.sampler
-        if sampler not in self.sampler_options:
-            raise ConfigError(f"sampler={sampler!r} is not a sampler of {name}: use one of {', '.join(self.sampler_options)}")
+        asked = sampler or self.sampler
+        sampler = self.resolve_sampler(asked)
+        if sampler not in samplers.SAMPLERS:
+            raise ConfigError(f"sampler={asked!r} is not a sampler: use one of {', '.join(self.samplers())} (for {name})")
+        why = self.refusal(sampler)
+        if why is not None:
+            raise ConfigError(f"sampler={asked} is not defined for {name}: {why}")
+        allowed = self.allowed_options(sampler)
         for key, value in options.items():
-            if value is None or key in self.sampler_options[sampler]:
+            if value is None or key in allowed:
                 continue
-            takers = [s for s, opts in self.sampler_options.items() if key in opts]
-            if takers:
-                raise ConfigError(f"{key}= applies to {name}'s {' and '.join(takers)} sampler{'s' * (len(takers) > 1)}, not to "
-                                  f"sampler={sampler}: drop {key}= or pick sampler={takers[0]}")
-            owners = OPTION_OWNERS.get(key, "no method")
-            raise ConfigError(f"{key}= is not an option of {name} (its samplers take: "
-                              f"{', '.join(sorted({o for opts in self.sampler_options.values() for o in opts})) or 'nothing'}); "
-                              f"{key}= applies to {owners}")
+            takers = [s for s in self.samplers() if key in self.allowed_options(s)]
+            hint = f"it applies to sampler={' / '.join(takers)}" if takers else f"no sampler of {name} takes it"
+            raise ConfigError(f"{key}= is not an option of {name}'s sampler={asked} (it takes: "
+                              f"{', '.join(sorted(allowed)) or 'nothing'}); {hint}: drop {key}=")
         return sampler
 
-    @torch.no_grad()
-    def sample_many(
-        self, num_samples: int, batch_size: int = 1000, generator: torch.Generator | None = None, cond=None, progress: bool = False, **kwargs
-    ) -> torch.Tensor:
-        """sample() in chunks of batch_size (memory stays bounded); one generator, so the result is reproducible."""
-        from tqdm.auto import tqdm
+    def check_default_sampler(self) -> None:
+        """At construction: model.sampler must name a sampler defined for the method."""
+        try:
+            self.check_sampling(self.sampler)
+        except ConfigError as err:
+            raise ConfigError(f"model.sampler: {err}") from None
 
-        chunks = []
-        with tqdm(total=num_samples, disable=not progress, desc="sampling") as bar:
-            for start in range(0, num_samples, batch_size):
-                n = min(batch_size, num_samples - start)
-                part = None if cond is None else cond[start : start + n]
-                chunks.append(self.sample(n, cond=part, generator=generator, **kwargs).float().cpu())
-                bar.update(n)
-        return torch.cat(chunks) if chunks else torch.empty((0, *self.data_shape))
+    def allowed_options(self, sampler: str) -> set[str]:
+        allowed = set(samplers.get(sampler).options) | set(self.method_options.get(sampler, ()))
+        if self.provides == samplers.DENOISER:
+            allowed.add("eps_scale")  # a wrapper of any denoiser (lightning_modules.exposure_fixes)
+        if sampler not in self.fixed_grid:
+            allowed.add("steps")
+        return allowed
+
+    def _plan(self, sampler, steps, options):
+        sampler = self.check_sampling(sampler, steps=steps, **options)
+        given = {k: v for k, v in options.items() if v is not None}
+        opts = {**self.sampling_defaults(sampler), **given, "_steps": int(steps or self.sample_steps)}
+        return sampler, opts, self.grid(sampler, opts["_steps"], opts)
+
+    def nfe(self, sampler: str | None = None, steps: int | None = None, **options) -> int | None:
+        """Network evaluations per sample for a sampler setting (None for an adaptive solver: sample(...,
+        return_nfe=True) returns what it spent)."""
+        sampler, opts, sigmas = self._plan(sampler, steps, options)
+        return samplers.get(sampler).nfe(sigmas.tolist(), opts)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, cond=None, sampler: str | None = None, steps: int | None = None,
+               generator: torch.Generator | None = None, x_T: torch.Tensor | None = None, callback=None,
+               progress: bool = False, return_nfe: bool = False, **options):
+        """num_samples draws; x_T (the method's own coordinates) replaces the prior draw; callback(i, sigma, x) sees
+        each VE-form state before it is denoised. return_nfe=True returns (samples, NFE per sample)."""
+        cond = self.check_cond(cond, num_samples)
+        sampler, opts, sigmas = self._plan(sampler, steps, options)
+        spec = samplers.get(sampler)
+        first = float(sigmas[0])
+        if x_T is None:
+            x = self.prior_std(first) * self.prior_noise(num_samples, generator)
+        else:
+            x = self.to_ve(x_T, first)
+        denoiser = samplers.Counted(self.sampling_denoiser(cond, sampler, opts))
+        kwargs = {k: opts[k] for k in (*spec.options, "reread") if k in opts}
+        x = spec.fn(denoiser, x, sigmas, generator=generator, callback=callback, progress=progress, **kwargs)
+        if self.clip_denoised:
+            x = x.clamp(-1.0, 1.0)
+        return (x, denoiser.calls) if return_nfe else x
+
+    # --- likelihood ---------------------------------------------------------------------------
+    def likelihood_bounds(self) -> tuple[float, float, float, float]:
+        """(sigma_lo, sigma_hi, prior std at sigma_hi, mean_scale at sigma_lo): the data are read as the method's own
+        state at sigma_lo (x_VE = x / mean_scale), the prior is N(0, std^2 I) in the VE form at sigma_hi."""
+        lo, hi = self.sigma_range
+        return lo, hi, self.prior_std(hi), 1.0
+
+    def bits_per_dim(self, x: torch.Tensor, cond=None, num_levels: int | None = 256, probe: str = "rademacher",
+                     rtol: float | None = None, atol: float | None = None, generator: torch.Generator | None = None):
+        """Bits/dim of a batch through the probability-flow ODE of `denoise` (samplers.likelihood); (bpd (B,), NFE).
+
+        With `num_levels` (256 for 8-bit images in [-1, 1]) the data are dequantized and the result bounds the
+        discrete data's bits/dim: v = k + u in [0, L)^D has log p_v = log p_y + D log(2 / L), so
+        bpd = -log p_y / (D ln 2) + log2(L / 2) (+7 for L = 256), the offset Song et al. add for centered data.
+        """
+        if self.provides != samplers.DENOISER:
+            raise ConfigError(f"metric=bpd needs a probability-flow ODE: {type(self).__name__} has no denoiser to integrate")
+        cond = self.check_cond(cond, x.shape[0])
+        y = x if num_levels is None else dequantize(x, num_levels, generator)
+        lo, hi, prior, mean_scale = self.likelihood_bounds()
+        rtol = getattr(self, "rtol", 1e-5) if rtol is None else rtol
+        atol = getattr(self, "atol", 1e-5) if atol is None else atol
+        d = x[0].numel()
+        logp, nfe = log_likelihood(lambda v, s: self.denoise(v, s, cond), y / mean_scale, lo, hi, prior, probe, rtol, atol, generator)
+        logp = logp - d * math.log(mean_scale)  # back to the density of the method's own coordinates
+        bpd = -logp / (d * math.log(2))
+        if num_levels is not None:
+            bpd = bpd + math.log2(num_levels / 2)
+        return bpd, nfe
 
     # --- helpers for methods ----------------------------------------------------------------
     def prior_noise(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -20,8 +20,8 @@ sigma_n < sigma_{n+1} of the same trajectory:
   drawn with log-normal weight, lambda = 1 / (sigma_{n+1} - sigma_n), pseudo-Huber loss and a
   stop-gradient target (mu = 0).
 
-Sampling (sampler=cm): f(sigma_max z, sigma_max), and for more steps alternate
-"re-noise to sigma_k, f again" (Algorithm 1).
+Sampling (sampler=cm, samplers.consistency): f(sigma_max z, sigma_max), and for more steps alternate
+"re-noise to sigma_k, f again" (Algorithm 1). f is not E[x0 | x], so the denoiser samplers are refused.
 """
 
 from __future__ import annotations
@@ -34,16 +34,17 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import OmegaConf
 from torch import nn
-from tqdm.auto import tqdm
 
-from lightning_modules.base import DiffusionModule
-from lightning_modules.edm import EDMPrecond, heun_step, karras_sigmas
-from lightning_modules.teachers import Teacher, load_teacher
+import samplers
 from difflab.errors import ConfigError
+from lightning_modules.base import DiffusionModule
+from lightning_modules.edm import EDMPrecond
+from lightning_modules.teachers import Teacher, load_teacher
+from samplers import grids
+from samplers.ode import heun_step
 
 MODES = ("distill", "train")
 LOSSES = ("l2", "pseudo_huber")
-SAMPLERS = ("cm",)
 HUBER_C = 0.00054  # iCT: c = 0.00054 sqrt(d)
 
 
@@ -97,19 +98,6 @@ def ict_pair_probs(sigmas: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.
     return mass / mass.sum()
 
 
-@torch.no_grad()
-def multistep_sample(consistency_fn: Callable, x_T: torch.Tensor, sigmas: list[float], sigma_min: float,
-                     generator: torch.Generator | None = None, clip: bool = False, progress: bool = False) -> torch.Tensor:
-    """CM paper Algorithm 1: x = f(x_T, sigmas[0]); then per level s: x = f(x + sqrt(s^2 - sigma_min^2) z, s)."""
-    clamp = (lambda v: v.clamp(-1.0, 1.0)) if clip else (lambda v: v)  # noqa: E731
-    x = clamp(consistency_fn(x_T, sigmas[0]))
-    for s in tqdm(sigmas[1:], disable=not progress, desc=f"cm-{len(sigmas)}"):
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        # f's outputs sit at sigma_min, so reaching s takes only the missing variance.
-        x = clamp(consistency_fn(x + math.sqrt(max(s**2 - sigma_min**2, 0.0)) * z, s))
-    return x
-
-
 def _has_dropout(net: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in net.modules())
 
@@ -120,7 +108,7 @@ def _has_dropout(net: nn.Module) -> bool:
 class ConsistencyModel(DiffusionModule):
     """Consistency distillation (mode=distill, from a teacher checkpoint) or improved consistency training (mode=train)."""
 
-    sampler_options = {"cm": ("steps",)}
+    provides = samplers.CONSISTENCY
     quick_sampling = {"sampler": "cm", "steps": 1}
 
     def __init__(
@@ -165,8 +153,6 @@ class ConsistencyModel(DiffusionModule):
             )
         if loss not in LOSSES:
             raise ConfigError(f"model.loss must be one of {LOSSES}, got {loss!r}")
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"model.sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < model.sigma_min < model.sigma_max, got {sigma_min}, {sigma_max}")
         if not 0.0 <= mu < 1.0:
@@ -190,7 +176,7 @@ class ConsistencyModel(DiffusionModule):
         self.p_mean, self.p_std = float(p_mean), float(p_std)
         self.total_steps = None if total_steps is None else int(total_steps)
         self.sampler = sampler
-        self.sample_steps = int(sample_steps)
+        self._sample_steps = int(sample_steps)
         self.cm_sigmas = None if cm_sigmas is None else [float(s) for s in cm_sigmas]
         # The range actually trained on is stored in the checkpoint: a teacher can narrow it at fit time,
         # and load_module rebuilds the module from the config, which still has the values asked for.
@@ -204,6 +190,7 @@ class ConsistencyModel(DiffusionModule):
         if self.mu > 0:
             self.target_net = _frozen_copy(net)
         self._grid_cache: dict = {}
+        self.check_default_sampler()
 
     # --- noise levels -------------------------------------------------------------------------
     def _sync_sigma_range(self) -> None:
@@ -229,7 +216,7 @@ class ConsistencyModel(DiffusionModule):
         key = (n, str(device))
         if key not in self._grid_cache:
             self._grid_cache = {k: v for k, v in self._grid_cache.items() if k[0] == n}  # N(k) changes: keep few
-            self._grid_cache[key] = karras_sigmas(n, self.sigma_min, self.sigma_max, self.rho).flip(0).to(device)
+            self._grid_cache[key] = grids.karras(n, self.sigma_min, self.sigma_max, self.rho).flip(0).to(device)
         return self._grid_cache[key]
 
     def curriculum_total_steps(self) -> int:
@@ -427,36 +414,25 @@ class ConsistencyModel(DiffusionModule):
             return list(self.cm_sigmas)
         if steps == 1:
             return [self.sigma_max]
-        return karras_sigmas(steps + 1, self.sigma_min, self.sigma_max, self.rho)[:-1].tolist()
+        return grids.karras(steps + 1, self.sigma_min, self.sigma_max, self.rho)[:-1].tolist()
 
-    def _sampler(self, sampler: str | None) -> str:
-        sampler = sampler or self.sampler
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"unknown sampler {sampler!r} for a consistency model: use one of {SAMPLERS}")
-        return sampler
+    @property
+    def sample_steps(self) -> int:
+        return len(self.cm_sigmas) if self.cm_sigmas else self._sample_steps
 
-    def nfe(self, sampler: str | None = None, steps: int | None = None) -> int:
-        sampler = self._sampler(sampler)
-        return len(self.sample_sigmas(steps))
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        return self.sigma_min, self.sigma_max
 
-    @torch.no_grad()
-    def sample(
-        self,
-        num_samples: int,
-        cond=None,
-        sampler: str | None = None,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-        x_T: torch.Tensor | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        cond = self.check_cond(cond, num_samples)
-        sampler = self._sampler(sampler)
-        sigmas = self.sample_sigmas(steps)
-        if x_T is None:
-            x_T = sigmas[0] * self.prior_noise(num_samples, generator)
-        fn = lambda x, s: self.consistency_fn(x, s, cond)  # noqa: E731
-        return multistep_sample(fn, x_T, sigmas, self.sigma_min, generator, self.clip_denoised, progress)
+    def denoise(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
+        """The consistency function f(x, sigma): the end of x's trajectory (what sampler=cm evaluates)."""
+        return self.consistency_fn(x, sigma, cond)
+
+    def grid(self, sampler: str, steps: int, options: dict | None = None) -> torch.Tensor:
+        return torch.tensor(self.sample_sigmas(steps), dtype=torch.float64)
+
+    def sampling_defaults(self, sampler: str) -> dict:
+        return {"sigma_min": self.sigma_min}
 
 
 def _after_load(module: ConsistencyModel, incompatible_keys) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from lightning_modules.ddpm import DDPM, _clip_x0
+from lightning_modules.ddpm import DDPM
 from lightning_modules.schedules import extract
+from samplers.core import bcast
 
 PER_STEP = (
     "t", "q_var", "sampler_var", "gap", "ratio", "delta", "err_sampler", "err_forward",
@@ -95,14 +96,17 @@ def _run(module, x0, x_T, cond, batch_size, sampler, steps, generator, forward_g
         column[i] = column[i] + value
 
     def denoise(x, t, c):
-        x0_hat, _ = _clip_x0(schedule, x, t, module.eps(x, t, c), module.clip_denoised)
+        x0_hat, _ = schedule.x0_and_eps(x, t, module.eps(x, t, c), module.clip_denoised)
         return x0_hat
 
     for start in range(0, n, batch_size):
         rows = slice(start, min(start + batch_size, n))
         x0_b, c_b = x0[rows], None if cond is None else cond[rows]
 
-        def watch(i, t, x, x0_b=x0_b, c_b=c_b):
+        def watch(i, sigma, x_ve, x0_b=x0_b, c_b=c_b):
+            # The samplers step in the VE form; the measurements are Ning et al.'s, in VP coordinates at level t.
+            t = module.level_of(sigma).round().long()
+            x = x_ve * bcast(torch.rsqrt(1 + sigma.double() ** 2), x_ve)
             a = extract(schedule.alphas_cumprod, t, x)
             noise = torch.randn(x.shape, generator=forward_gen, device=device, dtype=x.dtype)
             x_fwd = schedule.q_sample(x0_b, t, noise)

@@ -23,20 +23,34 @@ from uniform noise, which matches their sigma_1 = 1 on [0, 1] images.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_modules.base import DiffusionModule
-from lightning_modules.langevin import annealed_langevin, annealed_langevin_nfe, geometric_sigmas, langevin, sigma_max_from_data
-from lightning_modules.score_objectives import OBJECTIVES, dsm, input_gradients, ism, ssm
 from difflab.errors import ConfigError
+from lightning_modules.base import DiffusionModule
+from lightning_modules.score_objectives import OBJECTIVES, dsm, input_gradients, ism, ssm
+from samplers import grids
+from samplers.core import batch_sigma, bcast
 
 PARAMETRIZATIONS = ("v2", "v1")
-SAMPLERS = ("annealed_langevin", "langevin")
+LANGEVIN = ("annealed_langevin", "langevin")
+
+
+def sigma_max_from_data(x: torch.Tensor, max_points: int = 4096) -> float:
+    """Largest pairwise Euclidean distance in the data (NCSNv2, Technique 1: sigma_1 of that size lets
+    Langevin at the first level move between any two training points).
+
+    Exact over at most `max_points` rows (the first ones; pass a shuffled set), in float64.
+    """
+    x = x.reshape(x.shape[0], -1)[:max_points].double()
+    if x.shape[0] < 2:
+        raise ValueError("sigma_max_from_data needs at least two data points")
+    return torch.cdist(x, x).max().item()
 
 
 class NCSN(DiffusionModule):
-    sampler_options = {"annealed_langevin": ("steps",), "langevin": ("steps",)}
     quick_sampling = {"sampler": "annealed_langevin", "steps": 1}
 
     def __init__(
@@ -64,10 +78,8 @@ class NCSN(DiffusionModule):
             raise ConfigError(f"model.objective must be one of {OBJECTIVES}, got {objective!r}")
         if parametrization not in PARAMETRIZATIONS:
             raise ConfigError(f"model.parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"model.sampler must be one of {SAMPLERS}, got {sampler!r}")
         # Derived from the config, never saved: a checkpoint rebuilds them from its run config.
-        self.register_buffer("sigmas", geometric_sigmas(sigma_max, sigma_min, num_scales).float(), persistent=False)
+        self.register_buffer("sigmas", grids.geometric(sigma_max, sigma_min, num_scales).float(), persistent=False)
         self.sigma_max, self.sigma_min, self.num_scales = float(sigma_max), float(sigma_min), int(num_scales)
         self.objective = objective
         self.parametrization = parametrization
@@ -75,8 +87,9 @@ class NCSN(DiffusionModule):
         self.sampler = sampler
         self.n_steps_each = n_steps_each
         self.step_lr = step_lr
-        self.denoise = denoise
+        self.final_denoise = denoise  # the config's `denoise`: NCSNv2's last Tweedie step
         self.langevin_step_size = langevin_step_size
+        self.check_default_sampler()
 
     @property
     def sample_steps(self) -> int:
@@ -120,34 +133,37 @@ class NCSN(DiffusionModule):
                     "level can move between modes"
                 )
 
-    def nfe(self, sampler: str | None = None, steps: int | None = None) -> int:
-        sampler = sampler or self.sampler
-        if sampler == "langevin":
-            return steps or self.num_scales * self.n_steps_each
-        return annealed_langevin_nfe(self.num_scales, steps or self.n_steps_each, self.denoise)
+    # --- the VE-form denoiser ------------------------------------------------------------------
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        return self.sigma_min, self.sigma_max
 
-    @torch.no_grad()
-    def sample(
-        self,
-        num_samples: int,
-        cond=None,
-        sampler: str | None = None,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-        x_init: torch.Tensor | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        """`steps`: Langevin steps per noise level (annealed_langevin) or in all (langevin)."""
-        cond = self.check_cond(cond, num_samples)
-        sampler = sampler or self.sampler
-        x = self.sigma_max * self.prior_noise(num_samples, generator) if x_init is None else x_init
-        if sampler == "annealed_langevin":
-            score_fn = lambda y, idx: self.score(y, idx, cond)  # noqa: E731
-            x = annealed_langevin(score_fn, self.sigmas, x, steps or self.n_steps_each, self.step_lr, self.denoise, generator, progress)
-        elif sampler == "langevin":
-            last = torch.full((num_samples,), self.num_scales - 1, dtype=torch.long, device=x.device)
-            n_steps = steps or self.num_scales * self.n_steps_each
-            x = langevin(lambda y: self.score(y, last, cond), x, n_steps, self.langevin_step_size, generator, progress)
+    def denoise(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
+        """D = x + sigma^2 s(x, sigma) (Tweedie). v2 feeds log sigma, so any sigma works; v1 feeds the level index,
+        interpolated linearly in log sigma between the trained levels."""
+        sigma = batch_sigma(sigma, x)
+        if self.parametrization == "v2":
+            return x + bcast(sigma, x) * self.net(x, sigma.log(), cond).to(x.dtype)
+        if self.num_scales == 1:
+            idx = torch.zeros_like(sigma)
         else:
-            raise ConfigError(f"unknown sampler {sampler!r} for NCSN: use one of {SAMPLERS}")
-        return x.clamp(-1.0, 1.0) if self.clip_denoised else x
+            idx = (self.num_scales - 1) * (math.log(self.sigma_max) - sigma.log()) / math.log(self.sigma_max / self.sigma_min)
+        return x + bcast(sigma**2, x) * self.net(x, idx, cond).to(x.dtype)
+
+    def grid(self, sampler: str, steps: int, options: dict | None = None) -> torch.Tensor:
+        """The trained levels for Langevin (its steps are per level); Karras' grid over them for the others."""
+        if sampler in LANGEVIN:
+            sigmas = self.sigmas.double().cpu()
+            return grids.append_zero(sigmas) if self.final_denoise and sampler == "annealed_langevin" else sigmas
+        return grids.append_zero(grids.karras(steps, self.sigma_min, self.sigma_max, 7.0))
+
+    def sampling_defaults(self, sampler: str) -> dict:
+        return {"n_steps_each": self.n_steps_each, "step_lr": self.step_lr,
+                "n_steps": self.num_scales * self.n_steps_each, "step_size": self.langevin_step_size}
+
+    def _plan(self, sampler, steps, options):
+        """`steps` keeps its NCSN meaning for Langevin: steps per level (annealed_langevin) or in all (langevin)."""
+        sampler, opts, sigmas = super()._plan(sampler, steps, options)
+        if steps is not None and sampler in LANGEVIN:
+            opts["n_steps_each" if sampler == "annealed_langevin" else "n_steps"] = int(steps)
+        return sampler, opts, sigmas

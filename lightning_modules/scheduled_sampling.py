@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.ddpm import DDPM, _clip_x0, ancestral_log_variance, ddim_step
-from lightning_modules.schedules import extract
+from lightning_modules.ddpm import DDPM
+from lightning_modules.schedules import ddim_step, extract
 from difflab.errors import ConfigError
 
 ROLLBACKS = ("renoise", "ancestral", "sampler_step")
@@ -103,7 +103,7 @@ class ScheduledSamplingDDPM(DDPM):
     def rollback_step(self, x: torch.Tensor, level: torch.Tensor, cond=None, generator: torch.Generator | None = None):
         """One step of the chosen variant from `level` to `level - ss_stride`, per row."""
         eps = self.eps(x, level, cond)
-        x0_hat, eps = _clip_x0(self.schedule, x, level, eps, self.clip_denoised)
+        x0_hat, eps = self.schedule.x0_and_eps(x, level, eps, self.clip_denoised)
         lower = level - self.ss_stride
         if self.ss_rollback == "sampler_step" and self.eta == 0:
             z = None  # deterministic DDIM: no draw, so the random stream does not depend on a dead value
@@ -113,7 +113,7 @@ class ScheduledSamplingDDPM(DDPM):
             return self.schedule.q_sample(x0_hat, lower, z)
         if self.ss_rollback == "ancestral":
             mean, _ = self.schedule.q_posterior(x0_hat, x, level)
-            return mean + torch.exp(0.5 * extract(ancestral_log_variance(self.schedule, self.variance), level, x)) * z
+            return mean + torch.exp(0.5 * extract(self.schedule.ancestral_log_variance(self.variance), level, x)) * z
         abar = self.schedule.alphas_cumprod
         return ddim_step(x0_hat, eps, extract(abar, level, x), extract(abar, lower, x), self.eta, z)
 

@@ -106,3 +106,31 @@ class DiscreteSchedule(nn.Module):
 
     def eps_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return extract(self.sqrt_alphas_cumprod, t, x_t) * v + extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
+
+    def sigmas(self) -> torch.Tensor:
+        """sigma_t = sqrt((1 - abar_t) / abar_t) of every level, increasing in t (float64, CPU): the VE noise levels."""
+        return self.log_sigmas().exp()
+
+    def x0_and_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, clip: bool = False):
+        """x0 implied by eps, optionally clipped to the data range with eps recomputed to match."""
+        x0 = self.x0_from_eps(x_t, t, eps)
+        if clip:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = self.eps_from_x0(x_t, t, x0)
+        return x0, eps
+
+    def ancestral_log_variance(self, variance: str) -> torch.Tensor:
+        """log sigma_t^2 of an ancestral step per level: beta_t ('beta') or the posterior's beta~_t ('posterior')."""
+        if variance not in ("beta", "posterior"):
+            raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
+        return torch.log(self.betas) if variance == "beta" else self.posterior_log_variance_clipped
+
+
+def ddim_step(x0, eps, a_t, a_prev, eta: float, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Song et al. 2021 eq. 12 from level abar = a_t to a_prev in VP coordinates (the training-time roll-backs of
+    scheduled sampling; samplers use the VE form in samplers.stochastic)."""
+    sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    x = a_prev.sqrt() * x0 + torch.sqrt((1 - a_prev - sigma**2).clamp(min=0)) * eps
+    if noise is not None:
+        x = x + sigma * noise
+    return x

@@ -12,32 +12,31 @@ net's noise level c(t) follows the paper's nets:
 - VE: c = log sigma(t), as NCSN++ feeds its Fourier embedding (use net.embedding_scale
   to sharpen the sinusoidal embedding of this narrower range on large nets).
 
-Samplers (model.sampler): 'pc' (predictor + Langevin corrector), 'euler_maruyama'
-(reverse SDE), 'ode' (probability-flow ODE, fixed Euler/Heun steps), 'ode_adaptive'
-(RK45 to rtol/atol; its NFE is only known after the solve: `nfe()` reports the last one).
+Sampling is the base's, in the VE form x / mean_scale = x0 + (std / mean_scale) n (sub-VP included): the
+native grid is sigma(t) on t = 1 -> sample_eps evenly spaced, then (model.denoise) a last Tweedie step to 0.
+model.sampler 'pc' (reverse-SDE predictor + Langevin corrector), 'euler_maruyama', 'ode' (Heun or Euler by
+model.ode_solver) and 'ode_adaptive' (RK45) are the registry's samplers; every other one runs too.
 """
 
 from __future__ import annotations
 
 import torch
 
+from difflab.errors import ConfigError
 from lightning_modules.base import DiffusionModule
 from lightning_modules.sde import bcast, make_sde
-from lightning_modules.sde_samplers import (
-    euler_maruyama,
-    ode_nfe,
-    predictor_corrector,
-    probability_flow_ode,
-    probability_flow_ode_adaptive,
-)
-from lightning_modules.sde_samplers import bits_per_dim as _bits_per_dim
-from difflab.errors import ConfigError
+from samplers import grids
+from samplers.core import batch_sigma
 
-SAMPLERS = ("pc", "euler_maruyama", "ode", "ode_adaptive")
+ODE_SOLVERS = ("heun", "euler")
+# In the VE form the reverse-diffusion predictor (the reverse of the SDE's own discretization) and Euler-Maruyama
+# are one step, x + (sigma^2 - sigma_next^2) score + sqrt(sigma^2 - sigma_next^2) z; both names are kept for configs.
+PREDICTORS = ("reverse_diffusion", "euler_maruyama")
+CORRECTORS = ("langevin", "none")
 
 
 class ScoreSDE(DiffusionModule):
-    sampler_options = {"pc": ("steps",), "euler_maruyama": ("steps",), "ode": ("steps",), "ode_adaptive": ()}
+    fixed_grid = ("ode_adaptive",)
     quick_sampling = {"sampler": "ode", "steps": 2}
 
     def __init__(
@@ -68,13 +67,17 @@ class ScoreSDE(DiffusionModule):
         atol: float = 1e-5,
     ):
         super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised)
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"model.sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if predictor not in PREDICTORS:
+            raise ConfigError(f"model.predictor must be one of {PREDICTORS}, got {predictor!r}")
+        if corrector not in CORRECTORS:
+            raise ConfigError(f"model.corrector must be one of {CORRECTORS}, got {corrector!r}")
+        if ode_solver not in ODE_SOLVERS:
+            raise ConfigError(f"model.ode_solver must be one of {ODE_SOLVERS}, got {ode_solver!r}")
         if not 0 < eps < 1 or not 0 < sample_eps < 1:
             raise ConfigError(f"model.eps and model.sample_eps must lie in (0, 1), got {eps}, {sample_eps}")
         self.sde_name = sde
         self.sde = make_sde(sde, sigma_min=sigma_min, sigma_max=sigma_max, beta_min=beta_min, beta_max=beta_max)
-        self.eps = eps
+        self.t_min = eps  # the config's `eps`: the smallest training time
         self.sample_eps = sample_eps
         self.likelihood_weighting = likelihood_weighting
         self.sampler = sampler
@@ -84,10 +87,10 @@ class ScoreSDE(DiffusionModule):
         self.snr = snr
         self.n_corrector_steps = n_corrector_steps
         self.ode_solver = ode_solver
-        self.denoise = denoise
+        self.final_denoise = denoise  # the config's `denoise`: a last Tweedie step from sample_eps to 0
         self.rtol = rtol
         self.atol = atol
-        self.last_nfe = 0  # of the last adaptive ODE solve
+        self.check_default_sampler()
 
     def noise_level(self, t: torch.Tensor) -> torch.Tensor:
         if self.sde_name == "ve":
@@ -101,7 +104,7 @@ class ScoreSDE(DiffusionModule):
     def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         x0, cond = batch["x"], batch.get("cond")
         u = torch.rand(x0.shape[0], device=x0.device, generator=generator)
-        t = self.eps + (self.sde.T - self.eps) * u
+        t = self.t_min + (self.sde.T - self.t_min) * u
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.sde.perturb(x0, t, noise)
         _, std = self.sde.marginal(t)
@@ -114,51 +117,46 @@ class ScoreSDE(DiffusionModule):
         # Per dimension, so the loss reads the same on 2-D points and images (Adam does not see the constant).
         return per_sample.mean() / x0[0].numel()
 
-    def nfe(self, sampler: str | None = None, steps: int | None = None) -> int:
-        sampler = sampler or self.sampler
-        steps = steps or self.sample_steps
-        if sampler == "pc":
-            corrector_steps = self.n_corrector_steps if self.corrector == "langevin" else 0
-            return steps * (1 + corrector_steps) + int(self.denoise)
-        if sampler == "euler_maruyama":
-            return steps + int(self.denoise)
-        if sampler == "ode":
-            return ode_nfe(steps, self.ode_solver, self.denoise)
-        return self.last_nfe
+    # --- the VE-form denoiser ------------------------------------------------------------------
+    def _ve_sigma(self, t: float) -> float:
+        return float(self.sde.ve_sigma(torch.tensor(t, dtype=torch.float64)))
 
-    @torch.no_grad()
-    def sample(
-        self,
-        num_samples: int,
-        cond=None,
-        sampler: str | None = None,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-        x_T: torch.Tensor | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        cond = self.check_cond(cond, num_samples)
-        sampler = sampler or self.sampler
-        steps = steps or self.sample_steps
-        if x_T is None:
-            x_T = self.sde.prior_std() * self.prior_noise(num_samples, generator)
-        score_fn = lambda x, t: self.score(x, t, cond)  # noqa: E731
-        common = dict(eps=self.sample_eps, denoise=self.denoise)
-        if sampler == "pc":
-            x = predictor_corrector(
-                score_fn, self.sde, x_T, steps, self.predictor, self.corrector, self.snr, self.n_corrector_steps,
-                generator=generator, progress=progress, **common,
-            )
-        elif sampler == "euler_maruyama":
-            x = euler_maruyama(score_fn, self.sde, x_T, steps, generator=generator, progress=progress, **common)
-        elif sampler == "ode":
-            x = probability_flow_ode(score_fn, self.sde, x_T, steps, self.ode_solver, progress=progress, **common)
-        elif sampler == "ode_adaptive":
-            x, self.last_nfe = probability_flow_ode_adaptive(score_fn, self.sde, x_T, self.rtol, self.atol, **common)
-        else:
-            raise ConfigError(f"unknown sampler {sampler!r} for ScoreSDE: use one of {SAMPLERS}")
-        return x.clamp(-1.0, 1.0) if self.clip_denoised else x
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        return self._ve_sigma(self.t_min), self._ve_sigma(self.sde.T)
 
-    def bits_per_dim(self, x: torch.Tensor, cond=None, num_levels: int | None = 256, probe: str = "rademacher", generator=None):
-        """Bits/dim of a batch through the probability-flow ODE (see sde_samplers.bits_per_dim); returns (bpd, NFE)."""
-        return _bits_per_dim(self, x, cond, num_levels, probe, self.rtol, self.atol, generator=generator)
+    def denoise(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
+        """D = x_VE + sigma^2 score_VE = x_VE - sigma net(mean_scale x_VE, c(t)), t = t(sigma) (score = -net / std)."""
+        sigma = batch_sigma(sigma, x)
+        t = self.sde.t_of_ve_sigma(sigma.double())
+        mean_scale, _ = self.sde.marginal(t)
+        out = self.net(x * bcast(mean_scale, x), self.noise_level(t.to(x.dtype)), cond).to(x.dtype)
+        return x - bcast(sigma, x) * out
+
+    def _mean_scale(self, sigma: float) -> float:
+        t = self.sde.t_of_ve_sigma(torch.tensor(sigma, dtype=torch.float64))
+        return float(self.sde.marginal(t)[0])
+
+    def prior_std(self, sigma: float) -> float:
+        return self.sde.prior_std() / self._mean_scale(sigma)
+
+    def to_ve(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return x / self._mean_scale(sigma)
+
+    def likelihood_bounds(self) -> tuple[float, float, float, float]:
+        lo, hi = self.sigma_range
+        return lo, hi, self.prior_std(hi), self._mean_scale(lo)
+
+    def resolve_sampler(self, sampler: str | None) -> str:
+        sampler = sampler or self.sampler
+        return self.ode_solver if sampler == "ode" else sampler
+
+    def grid(self, sampler: str, steps: int, options: dict | None = None) -> torch.Tensor:
+        sigmas = grids.time_uniform(self.sde.ve_sigma, steps, self.sde.T, self.sample_eps)
+        if sampler == "ode_adaptive":
+            sigmas = sigmas[[0, -1]]
+        return grids.append_zero(sigmas) if self.final_denoise else sigmas
+
+    def sampling_defaults(self, sampler: str) -> dict:
+        corrector = self.n_corrector_steps if self.corrector == "langevin" else 0
+        return {"snr": self.snr, "n_corrector_steps": corrector, "rtol": self.rtol, "atol": self.atol}

@@ -45,6 +45,15 @@ class SDE:
     def prior_std(self) -> float:
         return 1.0
 
+    def ve_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """The VE-form noise level std(t) / mean_scale(t): x_t / mean_scale = x0 + ve_sigma n."""
+        mean_scale, std = self.marginal(t)
+        return std / mean_scale
+
+    def t_of_ve_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The time with that VE-form noise level (the inverse of ve_sigma)."""
+        raise NotImplementedError
+
     # --- derived ----------------------------------------------------------------------------
     def drift_diffusion(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.drift(x, t), self.diffusion(t)
@@ -131,6 +140,12 @@ class VESDE(SDE):
     def prior_std(self) -> float:
         return self.sigma_max
 
+    def ve_sigma(self, t):
+        return self.sigma(t)
+
+    def t_of_ve_sigma(self, sigma):
+        return torch.log(sigma / self.sigma_min) / self.log_ratio
+
     def discretize(self, x, t, dt):
         # SMLD's chain x_i = x_{i-1} + sqrt(sigma_i^2 - sigma_{i-1}^2) z, with sigma = 0 before t = 0.
         prev = torch.where(t - dt > -1e-9, self.sigma(t - dt), torch.zeros_like(t))
@@ -151,6 +166,18 @@ class VPSDE(SDE):
 
     def integral_beta(self, t: torch.Tensor) -> torch.Tensor:
         return self.beta_min * t + 0.5 * t**2 * (self.beta_max - self.beta_min)
+
+    def t_of_integral(self, b: torch.Tensor) -> torch.Tensor:
+        """The t with int_0^t beta = b: beta_min t + (beta_max - beta_min) t^2 / 2 = b, solved as
+        2b / (beta_min + sqrt(beta_min^2 + 2 slope b)), which does not cancel catastrophically at small b."""
+        slope = self.beta_max - self.beta_min
+        return 2 * b / (self.beta_min + torch.sqrt(self.beta_min**2 + 2 * slope * b))
+
+    def ve_sigma(self, t):
+        return torch.expm1(self.integral_beta(t)).sqrt()  # sqrt(1 - e^-B) / e^(-B/2)
+
+    def t_of_ve_sigma(self, sigma):
+        return self.t_of_integral(torch.log1p(sigma**2))
 
     def drift(self, x, t):
         return -0.5 * bcast(self.beta(t), x) * x
@@ -180,6 +207,12 @@ class SubVPSDE(VPSDE):
         # Song et al. 2021, eq. 34-35: same mean as VP, std 1 - exp(-B) instead of sqrt(1 - exp(-B))
         b = self.integral_beta(t)
         return torch.exp(-0.5 * b), -torch.expm1(-b)
+
+    def ve_sigma(self, t):
+        return 2 * torch.sinh(0.5 * self.integral_beta(t))  # (1 - e^-B) / e^(-B/2)
+
+    def t_of_ve_sigma(self, sigma):
+        return self.t_of_integral(2 * torch.asinh(0.5 * sigma))
 
     def discretize(self, x, t, dt):
         # No discrete chain precedes sub-VP, so not DDPM's: plain Euler-Maruyama.

@@ -1,45 +1,29 @@
-"""Trained diffusion models of this project seen as one thing: an EDM/VE denoiser for distillation.
+"""Trained diffusion models of this project as teachers for consistency distillation: checkpoint picking only.
 
-Consistency distillation (Song et al. 2023) integrates a teacher's probability-flow
-ODE in the variance-exploding form x = x0 + sigma n, where the ODE is
-dx/dsigma = (x - D(x; sigma)) / sigma with D = E[x0 | x]. A `Teacher` exposes
-`denoise(x, sigma, cond)` in that form and the [sigma_min, sigma_max] it was
-trained on, whatever its own parametrization:
+Consistency distillation (Song et al. 2023) integrates a teacher's probability-flow ODE in the VE form
+x = x0 + sigma n, dx/dsigma = (x - D(x; sigma)) / sigma. Every diffusion-family method already exposes that
+`denoise(x, sigma, cond)` and its `sigma_range` (lightning_modules.base), so a teacher is any such module:
+edm, vesde, vpsde, subvpsde, ddpm, ncsn, flow_matching. Refused: bc_mse (no denoiser) and consistency models
+(already distilled; their output is a trajectory's end, not E[x0 | x]).
 
-- edm: D is the module's `denoise`.
-- vesde (ScoreSDE, sde=ve): the marginal is already x0 + sigma(t) n, so
-  D = x + sigma^2 s(x, t(sigma)) (Tweedie), t(sigma) = log(sigma / sigma_min) / log(sigma_max / sigma_min).
-- vpsde (ScoreSDE, sde=vp) and ddpm: x_VP = a x0 + sqrt(1 - a^2) n with a = sqrt(abar).
-  Dividing by a gives x_VE = x_VP / a = x0 + sigma n with sigma = sqrt((1 - abar) / abar),
-  so abar = 1 / (1 + sigma^2). To denoise x_VE at sigma: find the VP time with that
-  sigma, feed x_VP = x_VE * sqrt(abar) to the model, read its output as eps and
-  return D = x_VE - sigma * eps (x0 is the same in both coordinates).
-
-Refused: ncsn (its annealed-Langevin levels have no ODE of their own), subvpsde
-(its marginal std is 1 - abar, not sqrt(1 - abar): the change of variables above
-does not give x0 + sigma n with Gaussian n of the right scale), bc_mse and
-consistency checkpoints (no denoiser at all / already a distilled model).
-
-A teacher is frozen (eval mode, no gradients) and deliberately not an nn.Module:
-assigned to the student it stays out of the student's module tree, its
-state_dict and its checkpoints, and the EMA callback never averages it.
+A teacher is frozen (eval mode, no gradients) and deliberately not an nn.Module: assigned to the student it
+stays out of the student's module tree, its state_dict and its checkpoints, and the EMA callback never
+averages it.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
+
 from difflab.errors import ConfigError
 
-USABLE = ("edm", "vesde", "vpsde", "ddpm")
-_USABLE_TEXT = "use edm, vesde, vpsde or ddpm"
+USABLE = ("edm", "vesde", "vpsde", "subvpsde", "ddpm", "scheduled_sampling", "ncsn", "flow_matching")
+_USABLE_TEXT = "use a checkpoint of edm, vesde, vpsde, subvpsde, ddpm, ncsn or flow_matching"
 _WHY_NOT = {
-    "ncsn": "annealed Langevin on discrete levels has no probability-flow ODE to integrate",
-    "subvpsde": "its marginal std is 1 - abar, so x / mean is not x0 + sigma n",
     "bc_mse": "a regression policy has no denoiser",
     "consistency": "already a one-step model; distill from its own teacher instead",
 }
@@ -111,133 +95,50 @@ class FunctionTeacher(Teacher):
         return self.denoise_fn(x, _batch_sigma(sigma, x), cond)
 
 
-class EDMTeacher(Teacher):
-    kind = "edm"
-
-    def __init__(self, module, path=None, config=None):
-        # An EDM net sees every sigma of its log-normal training distribution; its sampling range is
-        # the one it is known to be good on.
-        super().__init__(module, module.sigma_min, module.sigma_max, path, config)
-
-    def denoise(self, x, sigma, cond=None):
-        return self.module.denoise(x, _batch_sigma(sigma, x).to(x.dtype), cond)
+def _batch_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
+    sigma = torch.as_tensor(sigma, device=x.device)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(x.shape[0])
+    if sigma.shape != (x.shape[0],):
+        raise ValueError(f"sigma must be a scalar or have shape ({x.shape[0]},), got {tuple(sigma.shape)}")
+    return sigma
 
 
-class VETeacher(Teacher):
-    kind = "vesde"
+class FunctionTeacher(Teacher):
+    """Any denoise_fn(x, sigma (B,), cond) -> D as a teacher: analytic models in tests and notebooks."""
 
-    def __init__(self, module, path=None, config=None):
-        sde = module.sde
-        # Trained on t ~ U(eps, 1): sigma(eps) .. sigma(1) = sigma_max.
-        lo = sde.sigma_min * math.exp(module.eps * sde.log_ratio)
-        super().__init__(module, lo, sde.sigma_max, path, config)
+    kind = "function"
+
+    def __init__(self, denoise_fn: Callable, sigma_min: float, sigma_max: float):
+        super().__init__(None, sigma_min, sigma_max)
+        self.denoise_fn = denoise_fn
 
     def denoise(self, x, sigma, cond=None):
-        sigma = _batch_sigma(sigma, x).double()
-        sde = self.module.sde
-        t = torch.log(sigma / sde.sigma_min) / sde.log_ratio
-        score = self.module.score(x, t.to(x.dtype), cond)
-        return x + _bcast(sigma**2, x) * score
+        return self.denoise_fn(x, _batch_sigma(sigma, x), cond)
 
 
-class VPTeacher(Teacher):
-    kind = "vpsde"
+class ModuleTeacher(Teacher):
+    """A trained method of this project: its own VE-form `denoise` on the sigma range it was trained on."""
 
-    def __init__(self, module, path=None, config=None):
-        self._sde = module.sde
-        lo, hi = (self.sigma_of_t(torch.tensor(t, dtype=torch.float64)).item() for t in (module.eps, module.sde.T))
+    def __init__(self, module, kind: str, path=None, config=None):
+        lo, hi = module.sigma_range
         super().__init__(module, lo, hi, path, config)
-
-    def sigma_of_t(self, t: torch.Tensor) -> torch.Tensor:
-        # sigma = std / mean = sqrt(1 - e^-B) / e^(-B/2) = sqrt(e^B - 1), B = int_0^t beta
-        return torch.expm1(self._sde.integral_beta(t)).sqrt()
-
-    def t_of_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
-        # B(t) = beta_min t + (beta_max - beta_min) t^2 / 2 = log(1 + sigma^2); the root written as
-        # 2B / (beta_min + sqrt(...)) does not cancel catastrophically at small B.
-        b = torch.log1p(sigma**2)
-        slope = self._sde.beta_max - self._sde.beta_min
-        return 2 * b / (self._sde.beta_min + torch.sqrt(self._sde.beta_min**2 + 2 * slope * b))
+        self.kind = kind
 
     def denoise(self, x, sigma, cond=None):
-        sigma = _batch_sigma(sigma, x).double()
-        t = self.t_of_sigma(sigma)
-        scale = torch.rsqrt(1 + sigma**2)  # sqrt(abar); the VP std is then sigma * scale
-        score = self.module.score(x * _bcast(scale, x), t.to(x.dtype), cond)
-        # eps = -std * score, D = x_VE - sigma * eps
-        return x + _bcast(sigma**2 * scale, x) * score
-
-
-class DDPMTeacher(Teacher):
-    """A discrete-time DDPM queried at any sigma between its steps' noise levels.
-
-    Choice: between two steps the fractional step index is interpolated linearly in
-    log sigma and handed to the net as its (float) noise level, while the input
-    scaling uses the exact abar = 1 / (1 + sigma^2) of the requested sigma. On the
-    grid this is exactly the DDPM; between steps it relies on the net being smooth
-    in its noise-level input (a sinusoidal embedding is), as DPM-Solver's wrapper of
-    discrete models does. Rounding to the nearest step instead (EDM's iDDPM wrapper)
-    would make the ODE step use a sigma up to half a step off, which at small t is
-    a sizeable fraction of sigma (sigma_0 = 0.010, sigma_1 = 0.014 for the linear
-    schedule).
-    """
-
-    kind = "ddpm"
-
-    def __init__(self, module, path=None, config=None):
-        schedule = module.schedule
-        # The sigmas the net was trained at, from the very buffers q_sample uses.
-        sigmas = schedule.sqrt_one_minus_alphas_cumprod.double() / schedule.sqrt_alphas_cumprod.double()
-        if not (sigmas[1:] > sigmas[:-1]).all():
-            raise ValueError("DDPM teacher: its noise levels sqrt((1 - abar) / abar) must increase with t")
-        self._log_sigmas = sigmas.log().cpu()
-        super().__init__(module, sigmas[0].item(), sigmas[-1].item(), path, config)
-
-    def fractional_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        log_grid = self._log_sigmas.to(sigma.device)
-        log_sigma = sigma.double().log().clamp(log_grid[0], log_grid[-1])
-        hi = torch.searchsorted(log_grid, log_sigma).clamp(1, log_grid.numel() - 1)
-        lo = hi - 1
-        frac = (log_sigma - log_grid[lo]) / (log_grid[hi] - log_grid[lo])
-        return lo.double() + frac
-
-    def denoise(self, x, sigma, cond=None):
-        sigma = _batch_sigma(sigma, x).double()
-        t = self.fractional_t(sigma)
-        scale = torch.rsqrt(1 + sigma**2)
-        x_vp = x * _bcast(scale, x)
-        # The net directly, not DDPM.eps: its x0 / v conversions index the schedule with an integer t.
-        out = self.module.net(x_vp, t.float(), cond).to(x.dtype)
-        prediction = self.module.prediction
-        if prediction == "x0":
-            return out
-        if prediction == "v":
-            # v = a eps - s x0 with a = scale, s = sigma * scale: x0 = a x_VP - s v
-            return _bcast(scale, x) * x_vp - _bcast(sigma * scale, x) * out
-        return x - _bcast(sigma, x) * out
+        return self.module.denoise(x, _batch_sigma(sigma, x), cond)
 
 
 def teacher_from_module(module, path: str | None = None, config: dict | None = None) -> Teacher:
-    """Wrap an already-built module of this project (see the module docstring for what is accepted)."""
-    from lightning_modules.ddpm import DDPM
-    from lightning_modules.edm import EDM
-    from lightning_modules.score_sde import ScoreSDE
+    """Wrap an already-built module of this project: any method with a denoiser."""
+    import samplers
 
-    where = f" ({path})" if path else ""
-    if isinstance(module, EDM):
-        return EDMTeacher(module, path, config)
-    if isinstance(module, ScoreSDE):
-        if module.sde_name == "ve":
-            return VETeacher(module, path, config)
-        if module.sde_name == "vp":
-            return VPTeacher(module, path, config)
-        raise ConfigError(
-            f"not a usable teacher{where}: a {module.sde_name!r} score SDE; its marginal std 1 - abar does not map "
-            f"to x0 + sigma n, so it has no EDM-form denoiser here: {_USABLE_TEXT}"
-        )
-    if isinstance(module, DDPM):
-        return DDPMTeacher(module, path, config)
-    raise ConfigError(f"not a usable teacher{where}: {type(module).__name__} has no probability-flow ODE to distill: {_USABLE_TEXT}")
+    name = method_name({"_target_": f"{type(module).__module__}.{type(module).__qualname__}",
+                        "sde": getattr(module, "sde_name", "vp")})
+    if getattr(module, "provides", None) != samplers.DENOISER:
+        why = _WHY_NOT.get(name, "it has no denoiser")
+        raise ConfigError(f"not a usable teacher{f' ({path})' if path else ''}: a {name} model ({why}); {_USABLE_TEXT}")
+    return ModuleTeacher(module, name, path, config)
 
 
 def method_name(model_cfg: dict) -> str:
@@ -247,7 +148,8 @@ def method_name(model_cfg: dict) -> str:
         return {"ve": "vesde", "vp": "vpsde", "subvp": "subvpsde"}.get(model_cfg.get("sde", "vp"), "score_sde")
     return {
         "edm.EDM": "edm", "ddpm.DDPM": "ddpm", "ncsn.NCSN": "ncsn", "bc_mse.BCMSE": "bc_mse",
-        "consistency.ConsistencyModel": "consistency",
+        "consistency.ConsistencyModel": "consistency", "flow_matching.FlowMatching": "flow_matching",
+        "scheduled_sampling.ScheduledSamplingDDPM": "scheduled_sampling",
     }.get(".".join(target.split(".")[-2:]), target or "unknown")
 
 
