@@ -35,8 +35,11 @@ def held_out_data(datamodule, num: int) -> torch.Tensor:
 
 def evaluate_bpd(module, datamodule, cfg: DictConfig, device: str) -> dict:
     """Negative log-likelihood of held-out data in bits/dim through the probability-flow ODE (score SDEs)."""
-    if not hasattr(module, "bits_per_dim"):
-        raise ConfigError(f"metric=bpd needs a score-SDE checkpoint (model=vesde|vpsde|subvpsde); this is a {type(module).__name__}")
+    import samplers
+
+    if getattr(module, "provides", None) != samplers.DENOISER:
+        raise ConfigError(f"metric=bpd integrates a probability-flow ODE: a {type(module).__name__} has no denoiser to "
+                          "integrate (every diffusion-family method does: ddpm, edm, ncsn, vesde, vpsde, subvpsde, flow_matching)")
     x = held_out_data(datamodule, cfg.num_samples or DEFAULT_NUM_SAMPLES["bpd"])
     num_levels = getattr(datamodule, "num_levels", None)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -126,17 +129,15 @@ def main(cfg: DictConfig) -> dict:
             print(f"eps_scale {scale:<8g} {metric.name} = {value:.4g}")
         result = {"checkpoint": str(cfg.ckpt_path), "metric": f"{metric.name}_eps_scale_search", "value": search["best_value"],
                   "floor": float(metric.floor(cfg.num_samples or 2000)), "num_samples": cfg.num_samples or 2000,
-                  "sampler": cfg.sampler or module.sampler, "nfe": module.nfe(cfg.sampler, cfg.steps), "samples_per_second": 0.0,
+                  "sampler": cfg.sampler or module.sampler, "nfe": search["nfe"], "samples_per_second": 0.0,
                   "device": device, **search}
         return write_result(cfg, result)
     num_samples = cfg.num_samples or DEFAULT_NUM_SAMPLES.get(metric.name, 2000)
     sampler = cfg.sampler or getattr(module, "sampler", None)
     kwargs = {"sampler": cfg.sampler, "steps": cfg.steps, **sampling_options(cfg)}
-    nfe = module.nfe(cfg.sampler, cfg.steps)
-
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.perf_counter()
-    x = module.sample_many(num_samples, cfg.batch_size, generator, progress=cfg.progress, **kwargs)
+    x, nfe = module.sample_many(num_samples, cfg.batch_size, generator, progress=cfg.progress, return_nfe=True, **kwargs)
     seconds = time.perf_counter() - start
     value = float(metric(x))
     result = {
@@ -153,7 +154,6 @@ def main(cfg: DictConfig) -> dict:
         "samples_per_second": round(num_samples / max(seconds, 1e-9), 2),
         "device": device,
     }
-    result["nfe"] = module.nfe(cfg.sampler, cfg.steps)  # adaptive samplers know their NFE only afterwards
     return write_result(cfg, result)
 
 

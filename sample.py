@@ -55,9 +55,8 @@ def main(cfg: DictConfig) -> Path:
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.perf_counter()
-    x = module.sample_many(cfg.num_samples, cfg.batch_size, generator, progress=cfg.progress, **kwargs)
+    x, nfe = module.sample_many(cfg.num_samples, cfg.batch_size, generator, progress=cfg.progress, return_nfe=True, **kwargs)
     seconds = time.perf_counter() - start
-    nfe = module.nfe(cfg.sampler, cfg.steps)  # after sampling: adaptive ODE solvers know their NFE only then
     out_dir = Path(cfg.out_dir) if cfg.out_dir else samples_root / f"{sampler}_{nfe}nfe{sampling_tag(cfg)}"
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -100,7 +100,7 @@ def final_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Trainer, o
     start = time.perf_counter()
     module = module.to(trainer.strategy.root_device)
     generator = torch.Generator(device=module.device).manual_seed(cfg.final_eval.seed)
-    x = module.sample_many(num_samples, 1024, generator, sampler=sampler, steps=steps)
+    x, nfe = module.sample_many(num_samples, 1024, generator, sampler=sampler, steps=steps, return_nfe=True)
     seconds = time.perf_counter() - start
     out_dir.mkdir(parents=True, exist_ok=True)
     image = datamodule.render(x[:64] if datamodule.data_kind == "image" else x)
@@ -110,7 +110,7 @@ def final_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Trainer, o
         "num_samples": int(x.shape[0]),
         "sampler": sampler or getattr(module, "sampler", None),
         "steps": steps or getattr(module, "sample_steps", None),
-        "nfe": module.nfe(sampler, steps),
+        "nfe": nfe,
         "sampling_seconds": round(seconds, 3),
         "global_step": trainer.global_step,
         "samples_png": str(png),

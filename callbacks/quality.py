@@ -77,7 +77,8 @@ class QualityMetric(EveryNValidations):
         value = measure(trainer, pl_module, self.metric, num_samples, self.seed, self.batch_size, **sampling)
         if trainer.is_global_zero and value is not None:
             name = self.metric.name
-            logged = {f"quality/{name}": value, f"quality/{name}_nfe": pl_module.nfe(sampling.get("sampler"), sampling.get("steps"))}
+            nfe = pl_module.nfe(sampling.get("sampler"), sampling.get("steps"))  # None: an adaptive solver's
+            logged = {f"quality/{name}": value, **({f"quality/{name}_nfe": nfe} if nfe is not None else {})}
             if not hasattr(self.metric, "update"):
                 # cheap for digits/toys; FID's floor needs 10k held-out images through Inception: see evaluate.py
                 logged[f"quality/{name}_floor"] = self.metric.floor(num_samples)

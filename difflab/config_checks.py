@@ -70,7 +70,7 @@ RULES: dict[str, Rule] = {
                      "val_size", "n_corrector_steps", "refresh_rate", "first_seed", "seed", "split_seed"], COUNT),
     "time_shift_window": OPTIONAL_COUNT,
     **dict.fromkeys(["lr", "sigma_min", "sigma_max", "sigma_data", "snr", "step_lr", "langevin_step_size", "rtol", "atol",
-                     "rho", "p_std"], POSITIVE_REAL),
+                     "rho", "p_std", "logit_std"], POSITIVE_REAL),
     "eps_scale": number(0, low_open=True, optional=True),
     "huber_c": number(0, low_open=True, optional=True),
     "eta": number(0, optional=True),
@@ -92,6 +92,8 @@ KEY_RULES: dict[str, Rule] = {
                                        "a whole number of steps >= 1 or a fraction of an epoch in (0, 1]", optional=True),
     "model.eps": number(0, 1, low_open=True, high_open=True),
     "model.sample_eps": number(0, 1, low_open=True, high_open=True),
+    "model.t_min": number(0, 1, low_open=True, high_open=True),
+    "model.t_max": number(0, 1, low_open=True, high_open=True),
 }
 
 # What must be given where null would crash: sample.py draws exactly num_samples.

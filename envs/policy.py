@@ -49,8 +49,9 @@ class Policy:
         )
 
     @property
-    def nfe(self) -> int:
-        return self.module.nfe(self.sampler, self.steps)
+    def nfe(self) -> int | None:
+        """NFE per chunk (None for an adaptive solver, whose count varies)."""
+        return self.module.nfe(self.sampler, self.steps, **self.sample_kwargs)
 
     def check_env(self, env) -> None:
         """Refuse an environment whose observations are not the ones this policy was trained on."""
@@ -88,7 +89,7 @@ class Policy:
         device = self.module.device
         cond = self.obs_normalizer.normalize(torch.from_numpy(obs)).reshape(obs.shape[0], -1).to(device)
         chunk = self.module.sample(obs.shape[0], cond=cond, sampler=self.sampler, steps=self.steps, generator=self.generator,
-                                    **self.sample_kwargs)
+                                   **self.sample_kwargs)
         actions = self.action_normalizer.unnormalize(chunk.float().cpu()).numpy()
         # The chunk is aligned with the history: index n_obs_steps - 1 is the action for the current step.
         start = self.n_obs_steps - 1

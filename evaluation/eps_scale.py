@@ -13,16 +13,19 @@ from difflab.errors import ConfigError
 def search_eps_scale(module, metric, scales, num_samples: int, sampler: str | None = None, steps: int | None = None,
                      seed: int = 0, batch_size: int = 1000, **sample_kwargs) -> dict:
     """sample_kwargs (e.g. ddim_spacing, time_shift_window) go to every sampling call unchanged."""
-    if not hasattr(module, "schedule"):
-        raise ConfigError(f"eps scaling applies to DDPM-family models; this is a {type(module).__name__}")
+    import samplers
+
+    if getattr(module, "provides", None) != samplers.DENOISER:
+        raise ConfigError(f"eps scaling wraps a denoiser; a {type(module).__name__} has none")
     scales = [float(s) for s in scales]
     if not scales or min(scales) <= 0:
         raise ConfigError(f"eps_scale_search needs positive scales, e.g. [1.0,1.005,1.01,1.02], got {scales}")
     values = []
     for scale in scales:
         generator = torch.Generator(device=module.device).manual_seed(seed)
-        x = module.sample_many(num_samples, batch_size, generator, sampler=sampler, steps=steps, eps_scale=scale, **sample_kwargs)
+        x, nfe = module.sample_many(num_samples, batch_size, generator, sampler=sampler, steps=steps, eps_scale=scale,
+                                    return_nfe=True, **sample_kwargs)
         values.append(float(metric(x)))
     best = min(range(len(scales)), key=values.__getitem__)
-    return {"scales": scales, "values": values, "best_scale": scales[best], "best_value": values[best],
+    return {"scales": scales, "values": values, "nfe": nfe, "best_scale": scales[best], "best_value": values[best],
             "baseline_value": values[scales.index(1.0)] if 1.0 in scales else None}

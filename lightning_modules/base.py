@@ -36,6 +36,7 @@ class DiffusionModule(pl.LightningModule):
     provides: str = samplers.DENOISER
     # Options a method adds to some samplers (wrappers around its denoiser or grid), by sampler name.
     method_options: dict[str, tuple[str, ...]] = {}
+    single_level_langevin: bool = False  # NCSN keeps plain Langevin as its lesson's baseline
     # Samplers whose grid is fixed by the method (so `steps` is refused), e.g. DDPM's ancestral over all levels.
     fixed_grid: tuple[str, ...] = ()
     # The cheapest valid setting, for trainer.fast_dev_run (a config check, not a figure).
@@ -107,6 +108,9 @@ class DiffusionModule(pl.LightningModule):
     def refusal(self, sampler: str) -> str | None:
         """Why `sampler` is not defined for this method, or None."""
         spec = samplers.get(sampler)
+        if sampler == "langevin" and not self.single_level_langevin and spec.needs == self.provides:
+            return ("single-level Langevin is NCSN's baseline (Song & Ermon 2019, Sec. 3: it mixes between modes only "
+                    "with annealing); on this method's levels use sampler=annealed_langevin")
         if spec.needs == self.provides:
             return None
         if self.provides == samplers.CONSISTENCY:
@@ -190,6 +194,30 @@ class DiffusionModule(pl.LightningModule):
         if self.clip_denoised:
             x = x.clamp(-1.0, 1.0)
         return (x, denoiser.calls) if return_nfe else x
+
+    @torch.no_grad()
+    def sample_many(
+        self, num_samples: int, batch_size: int = 1000, generator: torch.Generator | None = None, cond=None,
+        progress: bool = False, return_nfe: bool = False, **kwargs
+    ):
+        """sample() in chunks of batch_size (memory stays bounded); one generator, so the result is reproducible.
+        return_nfe=True also returns the NFE per sample (averaged over chunks: an adaptive solver's varies)."""
+        from tqdm.auto import tqdm
+
+        chunks, spent = [], 0.0
+        with tqdm(total=num_samples, disable=not progress, desc="sampling") as bar:
+            for start in range(0, num_samples, batch_size):
+                n = min(batch_size, num_samples - start)
+                part = None if cond is None else cond[start : start + n]
+                x, nfe = self.sample(n, cond=part, generator=generator, return_nfe=True, **kwargs)
+                chunks.append(x.float().cpu())
+                spent += nfe * n
+                bar.update(n)
+        x = torch.cat(chunks) if chunks else torch.empty((0, *self.data_shape))
+        if not return_nfe:
+            return x
+        mean = spent / max(num_samples, 1)
+        return x, int(mean) if mean == int(mean) else round(mean, 1)
 
     # --- likelihood ---------------------------------------------------------------------------
     def likelihood_bounds(self) -> tuple[float, float, float, float]:

@@ -180,7 +180,8 @@ class ConsistencyModel(DiffusionModule):
         self.cm_sigmas = None if cm_sigmas is None else [float(s) for s in cm_sigmas]
         # The range actually trained on is stored in the checkpoint: a teacher can narrow it at fit time,
         # and load_module rebuilds the module from the config, which still has the values asked for.
-        self.register_buffer("sigma_range", torch.tensor([sigma_min, sigma_max], dtype=torch.float32))
+        self.register_buffer("trained_sigmas", torch.tensor([sigma_min, sigma_max], dtype=torch.float32))
+        self._register_load_state_dict_pre_hook(_rename_old_buffer)
         self.register_load_state_dict_post_hook(_after_load)
         self._sync_sigma_range()
         self._check_cm_sigmas()
@@ -194,10 +195,10 @@ class ConsistencyModel(DiffusionModule):
 
     # --- noise levels -------------------------------------------------------------------------
     def _sync_sigma_range(self) -> None:
-        self.sigma_min, self.sigma_max = (float(v) for v in self.sigma_range.tolist())
+        self.sigma_min, self.sigma_max = (float(v) for v in self.trained_sigmas.tolist())
 
     def _set_sigma_range(self, sigma_min: float, sigma_max: float) -> None:
-        self.sigma_range.copy_(torch.tensor([sigma_min, sigma_max], dtype=self.sigma_range.dtype))
+        self.trained_sigmas.copy_(torch.tensor([sigma_min, sigma_max], dtype=self.trained_sigmas.dtype))
         self._sync_sigma_range()
         self._grid_cache.clear()
 
@@ -211,7 +212,7 @@ class ConsistencyModel(DiffusionModule):
                 f"({self.sigma_min:.4g}, {self.sigma_max:.4g}] (usually starting at sigma_max)"
             )
 
-    def grid(self, n: int, device=None) -> torch.Tensor:
+    def train_grid(self, n: int, device=None) -> torch.Tensor:
         """The n Karras levels sigma_1 = sigma_min < ... < sigma_n = sigma_max, ascending (float64, cached)."""
         key = (n, str(device))
         if key not in self._grid_cache:
@@ -360,7 +361,7 @@ class ConsistencyModel(DiffusionModule):
     def pair(self, batch_size: int, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigma_n, sigma_{n+1}) per sample, float64: uniform n (distill) or iCT's log-normal pair weights (train)."""
         n_levels = self.num_scales_at(self.global_step)
-        grid = self.grid(n_levels, device)
+        grid = self.train_grid(n_levels, device)
         if self.mode == "distill":
             idx = torch.randint(0, n_levels - 1, (batch_size,), device=device, generator=generator)
         else:
@@ -433,6 +434,13 @@ class ConsistencyModel(DiffusionModule):
 
     def sampling_defaults(self, sampler: str) -> dict:
         return {"sigma_min": self.sigma_min}
+
+
+def _rename_old_buffer(state_dict, prefix, *args) -> None:
+    # Checkpoints before the shared core stored the range as `sigma_range`, now the name of the range property.
+    old = state_dict.pop(prefix + "sigma_range", None)
+    if old is not None:
+        state_dict.setdefault(prefix + "trained_sigmas", old)
 
 
 def _after_load(module: ConsistencyModel, incompatible_keys) -> None:

@@ -51,6 +51,7 @@ def sigma_max_from_data(x: torch.Tensor, max_points: int = 4096) -> float:
 
 
 class NCSN(DiffusionModule):
+    single_level_langevin = True
     quick_sampling = {"sampler": "annealed_langevin", "steps": 1}
 
     def __init__(

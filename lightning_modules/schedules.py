@@ -83,8 +83,11 @@ class DiscreteSchedule(nn.Module):
     def log_sigmas(self) -> torch.Tensor:
         """log sigma_t, sigma_t = sqrt((1 - abar_t) / abar_t): the VE noise level of each step, float64 on the CPU
         (step grids and solver coefficients are host-side arithmetic). -log sigma_t is half the log-SNR."""
-        abar = self.alphas_cumprod.detach().double().cpu()
-        return 0.5 * torch.log((1 - abar) / abar)
+        # From the two square-root buffers q_sample uses (float32 copies of float64 values): 1 - abar from the
+        # float32 abar buffer would lose most of its digits at small t.
+        up = self.sqrt_one_minus_alphas_cumprod.detach().double().cpu()
+        down = self.sqrt_alphas_cumprod.detach().double().cpu()
+        return torch.log(up) - torch.log(down)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return extract(self.sqrt_alphas_cumprod, t, x0) * x0 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise

@@ -78,32 +78,6 @@ def _batch_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
     return sigma
 
 
-def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-
-
-class FunctionTeacher(Teacher):
-    """Any denoise_fn(x, sigma (B,), cond) -> D as a teacher: analytic models in tests and notebooks."""
-
-    kind = "function"
-
-    def __init__(self, denoise_fn: Callable, sigma_min: float, sigma_max: float):
-        super().__init__(None, sigma_min, sigma_max)
-        self.denoise_fn = denoise_fn
-
-    def denoise(self, x, sigma, cond=None):
-        return self.denoise_fn(x, _batch_sigma(sigma, x), cond)
-
-
-def _batch_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
-    sigma = torch.as_tensor(sigma, device=x.device)
-    if sigma.ndim == 0:
-        sigma = sigma.expand(x.shape[0])
-    if sigma.shape != (x.shape[0],):
-        raise ValueError(f"sigma must be a scalar or have shape ({x.shape[0]},), got {tuple(sigma.shape)}")
-    return sigma
-
-
 class FunctionTeacher(Teacher):
     """Any denoise_fn(x, sigma (B,), cond) -> D as a teacher: analytic models in tests and notebooks."""
 

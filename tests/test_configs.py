@@ -143,8 +143,15 @@ PAPER = {
     },
     "pusht_bc_mse": {"model.optimizer.lr": 1e-4, "model.optimizer.weight_decay": 1e-6, "data.horizon": 16, "data.n_obs_steps": 2},
     "pusht_consistency": {"model.mode": "distill", "model.sample_steps": 1, "data.horizon": 16, "data.n_obs_steps": 2},
+    "pusht_flow": {  # pusht_ddpm's protocol with the flow-matching objective: same data, net, optimizer, EMA and steps
+        "model._target_": "lightning_modules.flow_matching.FlowMatching", "model.time_sampling": "logit_normal",
+        "model.sampler": "euler", "model.sample_steps": 10, "model.optimizer._target_": "torch.optim.AdamW",
+        "model.optimizer.lr": 1e-4, "model.optimizer.weight_decay": 1e-6, "data.horizon": 16, "data.n_obs_steps": 2,
+        "data.n_action_steps": 8, "model.scheduler.warmup_steps": 500, "trainer.max_steps": 8000, "callbacks.ema.decay": 0.9999,
+    },
 }
-NET_PARAMS = {"cifar10_ddpm": (35.5e6, 35.9e6), "cifar10_vesde": (58.5e6, 58.9e6), "pusht_ddpm": (4.4e6, 4.7e6)}
+NET_PARAMS = {"cifar10_ddpm": (35.5e6, 35.9e6), "cifar10_vesde": (58.5e6, 58.9e6), "pusht_ddpm": (4.4e6, 4.7e6),
+              "pusht_flow": (4.4e6, 4.7e6)}
 
 
 def test_every_experiment_has_its_paper_settings_pinned():

@@ -18,21 +18,23 @@ from conftest import ExactDDPMNet, run_cli
 from lightning_modules.analytic import GaussianMixture
 from lightning_modules.checkpoint import build_model
 from lightning_modules.consistency import (
-    multistep_sample,
     ConsistencyModel,
     ConsistencyPrecond,
-    heun_step,
     ict_num_scales,
     ict_pair_probs,
     pseudo_huber,
     pseudo_huber_c,
 )
 from lightning_modules.ddpm import DDPM
-from lightning_modules.edm import karras_sigmas
+from lightning_modules.ncsn import NCSN
 from lightning_modules.nets import MLP, UNet
 from lightning_modules.score_sde import ScoreSDE
 from lightning_modules.sde import VESDE
-from lightning_modules.teachers import DDPMTeacher, FunctionTeacher, VETeacher, VPTeacher, load_teacher, teacher_from_module
+from lightning_modules.teachers import USABLE, FunctionTeacher, ModuleTeacher, load_teacher, teacher_from_module
+from samplers import consistency as cm_sampling
+from samplers import grids
+from samplers.core import Counted, clipped
+from samplers.ode import heun_step
 
 MIXTURE = GaussianMixture(means=[[-2.0, 0.0], [2.0, 0.0], [0.0, 3.0]], stds=[0.3, 0.5, 0.4], weights=[0.2, 0.3, 0.5])
 M, S = 0.7, 0.4  # the single Gaussian N(M, S^2) per coordinate
@@ -117,48 +119,104 @@ class MixtureScoreNet(nn.Module):
         return (-std[:, None] * MIXTURE.score(x.double(), mean, std)).to(x.dtype)
 
 
+class MixtureNCSNNet(nn.Module):
+    """An NCSN 'net' returning the mixture's exact score: v2 (s = net(x, log sigma) / sigma) is fed log sigma,
+    v1 (s = net(x, i)) the level index i of the geometric grid sigma_i = sigma_max (sigma_min / sigma_max)^(i / (L - 1))."""
+
+    def __init__(self, parametrization, sigma_max, sigma_min, num_scales):
+        super().__init__()
+        self.parametrization, self.sigma_max, self.sigma_min, self.num_scales = parametrization, sigma_max, sigma_min, num_scales
+
+    def forward(self, x, level, cond=None):
+        if self.parametrization == "v2":
+            sigma = level.double().exp()
+            return (sigma[:, None] * MIXTURE.score(x.double(), 1.0, sigma)).to(x.dtype)
+        ratio = math.log(self.sigma_min / self.sigma_max)
+        sigma = self.sigma_max * torch.exp(level.double() / (self.num_scales - 1) * ratio)
+        return MIXTURE.score(x.double(), 1.0, sigma).to(x.dtype)
+
+
+def assert_module_teacher(teacher, module, kind):
+    """The one teacher class: the module itself (frozen), its VE-form denoiser and its trained sigma range."""
+    assert isinstance(teacher, ModuleTeacher) and teacher.kind == kind and teacher.module is module
+    assert not module.training and not any(p.requires_grad for p in module.parameters())
+    assert (teacher.sigma_min, teacher.sigma_max) == module.sigma_range
+    x = mixture_points(8, sigma=1.0, seed=99)
+    sigma = torch.full((8,), 0.7, dtype=x.dtype)
+    assert torch.equal(teacher.denoise(x, sigma), module.denoise(x, sigma))
+
+
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 def test_ddpm_teacher_is_the_exact_denoiser_on_its_grid(prediction):
     module = DDPM(nn.Identity(), None, data_shape=(2,), num_timesteps=1000, prediction=prediction)
     module.net = MixtureEps(module.schedule, prediction)
     teacher = teacher_from_module(module)
-    assert isinstance(teacher, DDPMTeacher) and not module.training
+    assert_module_teacher(teacher, module, "ddpm")
     sched = module.schedule
     grid = sched.sqrt_one_minus_alphas_cumprod.double() / sched.sqrt_alphas_cumprod.double()
+    # the level table is the noise the net was trained at: q_sample's float32 buffers agree with the float64
+    # schedule to ~1e-7, so the table must too (rtol 1e-6 is ten times that)
+    torch.testing.assert_close(module.level_sigmas, grid, rtol=1e-6, atol=0)
     assert teacher.sigma_min == pytest.approx(grid[0].item()) and teacher.sigma_max == pytest.approx(grid[-1].item())
     for i in (0, 3, 100, 500, 999):
         sigma = grid[i].item()
         x = mixture_points(sigma=sigma, seed=i)
-        assert teacher.fractional_t(torch.tensor([sigma], dtype=torch.float64)).item() == pytest.approx(i, abs=1e-6)
+        # level_of snaps to the integer within 1e-4 of it, so on its grid the index is exact (was: within 1e-6)
+        assert module.level_of(torch.tensor([sigma], dtype=torch.float64)).item() == i
         torch.testing.assert_close(teacher.denoise(x, sigma), MIXTURE.denoiser(x, 1.0, sigma), rtol=1e-5, atol=1e-5 * (1 + sigma))
     # between two steps the fractional index lies between them
     mid = math.sqrt(grid[10].item() * grid[11].item())
-    assert 10 < teacher.fractional_t(torch.tensor([mid], dtype=torch.float64)).item() < 11
+    assert 10 < module.level_of(torch.tensor([mid], dtype=torch.float64)).item() < 11
 
 
-@pytest.mark.parametrize("sde", ["ve", "vp"])
+@pytest.mark.parametrize("sde", ["ve", "vp", "subvp"])
 def test_score_sde_teachers_are_the_exact_denoiser(sde):
+    """VE, VP and sub-VP alike: x_t / mean = x0 + (std / mean) n is the VE form with sigma = std / mean, and
+    D = x + sigma^2 score_VE with score_VE(x) = mean score_t(mean x). For sub-VP (std = 1 - e^-B, mean = e^(-B/2))
+    sigma = 2 sinh(B / 2), so its teacher is as exact as VP's (it used to be refused)."""
     module = ScoreSDE(nn.Identity(), None, data_shape=(2,), sde=sde)
     module.net = MixtureScoreNet(module.sde)
     teacher = teacher_from_module(module)
-    assert isinstance(teacher, VETeacher if sde == "ve" else VPTeacher)
+    assert_module_teacher(teacher, module, {"ve": "vesde", "vp": "vpsde", "subvp": "subvpsde"}[sde])
     lo, hi = teacher.sigma_min, teacher.sigma_max
+    b_lo, b_hi = 0.1 * 1e-5 + 0.5 * 19.9 * 1e-10, 0.1 + 0.5 * 19.9  # int_0^t beta at t = eps = 1e-5 and t = 1
     if sde == "ve":
-        assert lo == pytest.approx(0.01, rel=1e-3) and hi == 50.0
-    else:
-        assert lo == pytest.approx(math.sqrt(math.expm1(0.1e-5)), rel=1e-3) and hi == pytest.approx(math.sqrt(math.expm1(10.05)), rel=1e-9)
-        # the inverse of sigma(t) is exact
+        # hi is now sigma(1) = sigma_min exp(log(sigma_max / sigma_min)) (was sde.sigma_max itself): equal up to the
+        # exp/log round trip, 50.000000000000036 in float64
+        assert lo == pytest.approx(0.01, rel=1e-3) and hi == pytest.approx(50.0, rel=1e-14)
+    elif sde == "vp":
+        assert lo == pytest.approx(math.sqrt(math.expm1(b_lo)), rel=1e-3) and hi == pytest.approx(math.sqrt(math.expm1(b_hi)), rel=1e-9)
+    else:  # std / mean from the marginal itself
+        assert lo == pytest.approx(-math.expm1(-b_lo) / math.exp(-b_lo / 2), rel=1e-3)
+        assert hi == pytest.approx(-math.expm1(-b_hi) / math.exp(-b_hi / 2), rel=1e-9)
+    if sde != "ve":
+        # the inverse of sigma(t) is exact, and sigma(t) is the marginal's std / mean
         t = torch.tensor([1e-5, 1e-3, 0.1, 0.5, 1.0], dtype=torch.float64)
-        torch.testing.assert_close(teacher.t_of_sigma(teacher.sigma_of_t(t)), t)
+        torch.testing.assert_close(module.sde.t_of_ve_sigma(module.sde.ve_sigma(t)), t)
+        mean, std = module.sde.marginal(t)
+        torch.testing.assert_close(module.sde.ve_sigma(t), std / mean)
     for sigma in (0.02, 0.3, 1.0, 7.0, 40.0):
         x = mixture_points(sigma=sigma, seed=int(sigma * 10))
         torch.testing.assert_close(teacher.denoise(x, sigma), MIXTURE.denoiser(x, 1.0, sigma), rtol=1e-6, atol=1e-6 * (1 + sigma))
 
 
-def test_subvp_and_unknown_modules_are_refused():
-    with pytest.raises(ValueError, match="not a usable teacher.*edm, vesde, vpsde or ddpm"):
-        teacher_from_module(ScoreSDE(nn.Identity(), None, data_shape=(2,), sde="subvp"))
-    with pytest.raises(ValueError, match="not a usable teacher"):
+@pytest.mark.parametrize("parametrization", ["v2", "v1"])
+def test_ncsn_teacher_is_the_exact_denoiser(parametrization):
+    """NCSN is a usable teacher now: D = x + sigma^2 s(x, sigma) (Tweedie); v1 between its levels sees the
+    fractional index, which the exact net maps back to the same sigma."""
+    module = NCSN(nn.Identity(), None, data_shape=(2,), sigma_max=50.0, sigma_min=0.01, num_scales=10, parametrization=parametrization)
+    module.net = MixtureNCSNNet(parametrization, 50.0, 0.01, 10)
+    teacher = teacher_from_module(module)
+    assert_module_teacher(teacher, module, "ncsn")
+    assert (teacher.sigma_min, teacher.sigma_max) == (0.01, 50.0)
+    for sigma in (0.02, 0.3, 1.0, 7.0, 40.0, *module.sigmas.double().tolist()):
+        x = mixture_points(sigma=sigma, seed=int(sigma * 10))
+        torch.testing.assert_close(teacher.denoise(x, sigma), MIXTURE.denoiser(x, 1.0, sigma), rtol=1e-6, atol=1e-6 * (1 + sigma))
+
+
+def test_modules_without_a_denoiser_are_refused():
+    assert {"subvpsde", "ncsn"} <= set(USABLE) and not {"consistency", "bc_mse"} & set(USABLE)
+    with pytest.raises(ValueError, match="not a usable teacher.*consistency model.*edm, vesde, vpsde, subvpsde, ddpm, ncsn or flow_matching"):
         teacher_from_module(cm())
 
 
@@ -203,7 +261,7 @@ def test_one_heun_step_follows_the_exact_probability_flow():
     assert errors[0] < 3e-3 and errors[0] / errors[1] > 6 and errors[1] / errors[2] > 6, errors
     # Mixture: one Heun step between adjacent levels of the 18-level Karras grid (CD's N) against fine RK4.
     denoise = lambda x, s: MIXTURE.denoiser(x, 1.0, s)  # noqa: E731
-    grid = karras_sigmas(18).flip(0)
+    grid = grids.karras(18).flip(0)
     for i in (3, 9, 15):
         lo, hi = grid[i].item(), grid[i + 1].item()
         xm = mixture_points(128, sigma=hi, seed=i)
@@ -274,7 +332,7 @@ def test_teacher_range_narrows_the_students_sigmas_with_a_warning():
     with pytest.warns(UserWarning, match="sigma_min=0.01"):
         model.attach_teacher(FunctionTeacher(gaussian_denoiser, 0.01, 50.0))
     assert model.sigma_min == pytest.approx(0.01) and model.sigma_max == 50.0
-    assert model.grid(18)[0].item() == pytest.approx(0.01) and model.grid(18)[-1].item() == 50.0
+    assert model.train_grid(18)[0].item() == pytest.approx(0.01) and model.train_grid(18)[-1].item() == 50.0
     assert model.sample_sigmas(2) == [50.0, 0.821] and model.sample_sigmas(1) == [50.0]
     # the narrowed range is part of the state_dict, so a rebuilt module (load_module) samples on it
     fresh = ConsistencyModel(small_mlp(), adam, data_shape=(2,), mode="distill")
@@ -293,7 +351,7 @@ def test_ict_curriculum_pair_probabilities_and_pseudo_huber():
         assert ict_num_scales(k, K) == expected == min(10 * 2 ** (k // stage), 1280) + 1
     model = cm(total_steps=K)
     assert model.num_scales_at(0) == 11 and model.num_scales_at(120_000) == 41
-    grid = karras_sigmas(41).flip(0)
+    grid = grids.karras(41).flip(0)
     probs = ict_pair_probs(grid)
     assert probs.shape == (40,) and abs(probs.sum().item() - 1) < 1e-12 and (probs > 0).all()
     cdf = [math.erf((math.log(s) + 1.1) / (math.sqrt(2) * 2.0)) for s in grid.tolist()]
@@ -308,7 +366,7 @@ def test_ict_curriculum_pair_probabilities_and_pseudo_huber():
     # iCT pairs follow the probabilities; weights are 1 / (sigma_{i+1} - sigma_i)
     model = cm(total_steps=K)
     lo, hi = model.pair(20_000, "cpu", torch.Generator().manual_seed(0))
-    g11 = model.grid(11)
+    g11 = model.train_grid(11)
     idx = torch.searchsorted(g11, lo)
     torch.testing.assert_close(g11[idx + 1], hi)
     freq = torch.bincount(idx, minlength=10).double() / 20_000
@@ -396,7 +454,7 @@ def test_one_and_two_step_sampling_shapes_nfe_and_levels():
     assert model.sample(10, steps=2, generator=g).shape == (10, 2)
     assert model.sample_sigmas(1) == [80.0]
     two = model.sample_sigmas(2)
-    assert two[0] == 80.0 and 0.002 < two[1] < 80.0 and two[1] == pytest.approx(karras_sigmas(3)[1].item())
+    assert two[0] == 80.0 and 0.002 < two[1] < 80.0 and two[1] == pytest.approx(grids.karras(3)[1].item())
     # one step is f(sigma_max z, sigma_max)
     x_T = 80.0 * torch.randn(6, 2)
     torch.testing.assert_close(model.sample(6, x_T=x_T), model.consistency_fn(x_T, 80.0))
@@ -404,11 +462,21 @@ def test_one_and_two_step_sampling_shapes_nfe_and_levels():
     model = cm(small_mlp(), cm_sigmas=[80.0, 0.661])
     assert model.nfe() == 2 and model.sample_sigmas() == [80.0, 0.661] and model.nfe("cm", 3) == 3
     assert model.sample_many(5, 2, torch.Generator().manual_seed(0), sampler="cm", steps=2, progress=False).shape == (5, 2)
-    clipped = cm(small_mlp(), clip_denoised=True)
-    nn.init.normal_(clipped.net.fc_out.weight, std=5.0)
-    assert clipped.sample(50, steps=2).abs().max() <= 1.0
-    with pytest.raises(ValueError, match="sampler"):
-        model.sample(2, sampler="heun")
+    clipped_model = cm(small_mlp(), clip_denoised=True)
+    nn.init.normal_(clipped_model.net.fc_out.weight, std=5.0)
+    x = clipped_model.sample(50, steps=2, generator=torch.Generator().manual_seed(3))
+    assert x.abs().max() <= 1.0
+    # clip_denoised clamps every output of f (the clip multistep_sample(clip=True) did), by wrapping f in clipped()
+    g = torch.Generator().manual_seed(3)
+    x_T = 80.0 * torch.randn(50, 2, generator=g)
+    f = lambda v, s: clipped_model.consistency_fn(v, s)  # noqa: E731
+    sigmas = torch.tensor(clipped_model.sample_sigmas(2), dtype=torch.float64)
+    torch.testing.assert_close(x, cm_sampling.multistep(clipped(f), x_T, sigmas, g, sigma_min=clipped_model.sigma_min))
+    assert f(x_T, torch.full((50,), 80.0)).abs().max() > 1.0  # so the clamp is really exercised
+    # a consistency function is not E[x0 | x]: every denoiser sampler of the registry is refused
+    for sampler in ("heun", "euler", "ddim", "pc"):
+        with pytest.raises(ValueError, match=f"sampler={sampler} is not defined for ConsistencyModel"):
+            model.sample(2, sampler=sampler)
     with pytest.raises(ValueError, match="cm_sigmas"):
         cm(cm_sigmas=[0.5, 80.0])
 
@@ -477,14 +545,35 @@ def test_checkpoints_load_as_frozen_teachers_and_warm_start_an_identical_net(tmp
     [
         ({"_target_": "lightning_modules.ncsn.NCSN"}, "ncsn"),
         ({"_target_": "lightning_modules.score_sde.ScoreSDE", "sde": "subvp"}, "subvpsde"),
+    ],
+)
+def test_ncsn_and_subvp_checkpoints_load_as_teachers(tmp_path, model_cfg, name):
+    """Once refused, now usable: any method with a VE-form denoiser is a teacher (its exactness is checked above)."""
+    module = write_ckpt(tmp_path / "t.ckpt", model_cfg)
+    torch.manual_seed(0)
+    nn.init.normal_(module.net.fc_out.weight)  # a non-trivial net, saved again
+    write_ckpt(tmp_path / "t.ckpt", model_cfg, module=module)
+    teacher = load_teacher(tmp_path / "t.ckpt", (2,))
+    assert isinstance(teacher, ModuleTeacher) and teacher.kind == name and teacher.path == str(tmp_path / "t.ckpt")
+    assert (teacher.sigma_min, teacher.sigma_max) == module.sigma_range
+    assert not teacher.module.training and not any(p.requires_grad for p in teacher.module.parameters())
+    x = torch.randn(5, 2)
+    torch.testing.assert_close(teacher.denoise(x, 0.7), module.denoise(x, 0.7))
+    assert (teacher.denoise(x, 0.7) - x).abs().max() > 1e-3  # the loaded weights, not a zero net
+
+
+@pytest.mark.parametrize(
+    "model_cfg, name",
+    [
         ({"_target_": "lightning_modules.consistency.ConsistencyModel", "mode": "train"}, "consistency"),
+        ({"_target_": "lightning_modules.bc_mse.BCMSE"}, "bc_mse"),
     ],
 )
 def test_unusable_checkpoints_are_refused(tmp_path, model_cfg, name):
     path = tmp_path / "t.ckpt"
     config = {"net": NET_CFG, "model": {**model_cfg, "optimizer": OPT_CFG}}
     torch.save({"difflab": {"config": config, "data_shape": [2], "cond_dim": None, "method": name}, "state_dict": {}}, path)
-    with pytest.raises(ValueError, match=f"not a usable teacher: .* is a {name} checkpoint.*use edm, vesde, vpsde or ddpm"):
+    with pytest.raises(ValueError, match=f"not a usable teacher: .* is a {name} checkpoint.*use a checkpoint of edm, vesde, vpsde, subvpsde, ddpm, ncsn or flow_matching"):
         load_teacher(path, (2,))
 
 
@@ -600,8 +689,8 @@ def test_multistep_sampling_renoises_to_each_level_from_sigma_min(sigmas):
     sigma_min = 0.8 (large on purpose) makes that term visible: adding s z instead shifts the variance by r_s^2 0.64."""
     sigma_min, n = 0.8, 50_000
     f = gaussian_consistency_fn(sigma_min)
-    x = multistep_sample(f, 80.0 * torch.randn(n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
-                         sigmas, sigma_min, torch.Generator().manual_seed(2))
+    x = cm_sampling.multistep(f, 80.0 * torch.randn(n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
+                              torch.tensor(sigmas, dtype=torch.float64), torch.Generator().manual_seed(2), sigma_min=sigma_min)
     mean, var = M, 80.0**2  # x_T = 80 z: a point of the PF-ODE started off the data mean, carried along exactly
     mean_shift = -M
     for i, s in enumerate(sigmas):
@@ -610,6 +699,12 @@ def test_multistep_sampling_renoises_to_each_level_from_sigma_min(sigmas):
         r = math.sqrt(S**2 + sigma_min**2) / math.sqrt(S**2 + s**2)
         mean_shift, var = r * mean_shift, r**2 * var
     assert_gaussian(x, mean + mean_shift, math.sqrt(var))
+    # one evaluation of f per level, and a trailing 0 in the grid (the denoiser samplers' convention) is ignored
+    counted = Counted(f)
+    again = cm_sampling.multistep(counted, 80.0 * torch.randn(n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
+                                  grids.append_zero(torch.tensor(sigmas, dtype=torch.float64)), torch.Generator().manual_seed(2),
+                                  sigma_min=sigma_min)
+    assert torch.equal(again, x) and counted.calls == len(sigmas)
 
 
 def test_ict_logs_its_curriculum_and_a_teacher_must_overlap_the_students_range(tmp_path):
@@ -656,5 +751,5 @@ def test_a_teacher_given_to_consistency_training_is_reported_as_ignored():
 def test_distillation_draws_every_adjacent_pair_of_the_grid():
     model = cm(mode="distill", num_scales=4)
     hi, lo = model.pair(3000, "cpu", torch.Generator().manual_seed(0))
-    grid = model.grid(4, "cpu")
+    grid = model.train_grid(4, "cpu")
     assert sorted(set(hi.tolist())) == sorted(grid[:-1].tolist()) and sorted(set(lo.tolist())) == sorted(grid[1:].tolist())

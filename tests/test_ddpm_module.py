@@ -88,8 +88,12 @@ def test_sample_shapes_nfe_and_reproducibility():
     torch.testing.assert_close(a, b)
     assert model.sample(3, sampler="ancestral").shape == (3, 2)
     assert model.nfe("ancestral") == 100 and model.nfe("ddim", 10) == 10 and model.nfe() == 10
-    with pytest.raises(ValueError, match="unknown sampler"):
-        model.sample(2, sampler="heun")
+    with pytest.raises(ValueError, match="sampler='nonsense' is not a sampler"):
+        model.sample(2, sampler="nonsense")
+    with pytest.raises(ValueError, match="sampler=cm is not defined for DDPM: cm needs a consistency function"):
+        model.sample(2, sampler="cm")
+    with pytest.raises(ValueError, match="steps= is not an option of DDPM's sampler=ancestral"):
+        model.sample(2, sampler="ancestral", steps=10)
 
 
 def test_conditional_model_requires_cond_and_unconditional_refuses_it():
@@ -104,8 +108,8 @@ def test_conditional_model_requires_cond_and_unconditional_refuses_it():
 def test_bad_settings_fail_with_the_option_names():
     with pytest.raises(ValueError, match="prediction"):
         DDPM(MLP((2,)), partial(torch.optim.Adam), data_shape=(2,), prediction="score")
-    with pytest.raises(ValueError, match="sampler"):
-        DDPM(MLP((2,)), partial(torch.optim.Adam), data_shape=(2,), sampler="euler")
+    with pytest.raises(ValueError, match="model.sampler: sampler='heunn' is not a sampler"):
+        DDPM(MLP((2,)), partial(torch.optim.Adam), data_shape=(2,), sampler="heunn")
 
 
 class ExactPredictionNet(torch.nn.Module):

@@ -15,8 +15,9 @@ from torch import nn
 
 from conftest import assert_loss_optimum_at_zero
 from lightning_modules.analytic import GaussianMixture
-from lightning_modules.edm import EDM, EDMPrecond, edm_euler_sample, edm_heun_sample, karras_sigmas
+from lightning_modules.edm import EDM, EDMPrecond
 from lightning_modules.nets import MLP
+from samplers import grids, ode
 from test_ddpm_samplers import MIXTURE, N, check_matches_mixture
 
 SD = 0.5
@@ -32,19 +33,29 @@ def counted(fn, calls: list):
     return lambda *a, **k: calls.append(1) or fn(*a, **k)
 
 
+def karras_grid(n, *args, **kw):
+    """The samplers' grid: Karras et al.'s n levels and the final step to 0 (samplers take the 0 explicitly)."""
+    return grids.append_zero(grids.karras(n, *args, **kw))
+
+
 # --- schedule ------------------------------------------------------------------------------------------
 
 
 def test_karras_sigmas_run_from_sigma_max_to_sigma_min_and_rho_1_is_linear():
-    s = karras_sigmas(18)
+    s = grids.karras(18)
     assert s.dtype == torch.float64 and s.shape == (18,)
     assert s[0].item() == 80.0 and s[-1].item() == 0.002 and (s[1:] < s[:-1]).all()
-    torch.testing.assert_close(karras_sigmas(7, 0.1, 3.0, rho=1.0), torch.linspace(3.0, 0.1, 7, dtype=torch.float64))
+    torch.testing.assert_close(grids.karras(7, 0.1, 3.0, rho=1.0), torch.linspace(3.0, 0.1, 7, dtype=torch.float64))
     # rho = 7 crowds the steps at low noise: the median level is far below the arithmetic midpoint
     assert s[9] < 2.0
-    assert karras_sigmas(1).tolist() == [80.0]
+    assert grids.karras(1).tolist() == [80.0]
     with pytest.raises(ValueError):
-        karras_sigmas(0)
+        grids.karras(0)
+    # the samplers' grid is the same levels with the final step to 0 appended, and passes the grid check
+    g = karras_grid(18)
+    assert g.dtype == torch.float64 and g.shape == (19,) and g[-1].item() == 0.0
+    torch.testing.assert_close(g[:-1], s)
+    assert grids.check(g) == g.tolist()
 
 
 # --- preconditioning -----------------------------------------------------------------------------------
@@ -129,7 +140,7 @@ def test_a_subclass_overriding_coefficients_changes_the_wrapper():
 def heun(mixture=MIXTURE, steps=18, seed=0, **kw):
     g = torch.Generator().manual_seed(seed)
     x_T = 80.0 * torch.randn(N, 2, generator=g)
-    return edm_heun_sample(exact_denoiser(mixture), x_T, karras_sigmas(steps), generator=g, **kw)
+    return ode.heun(exact_denoiser(mixture), x_T, karras_grid(steps), generator=g, **kw)
 
 
 @pytest.mark.parametrize("steps,allowance", [(18, HEUN18_ALLOWANCE), (50, 0.0)])
@@ -151,11 +162,11 @@ def test_stochastic_heun_reproduces_the_mixture_at_the_same_nfe():
     g = torch.Generator().manual_seed(2)
     x_T = 80.0 * torch.randn(N, 2, generator=g)
     churn = dict(s_churn=10.0, s_tmin=0.01, s_tmax=10.0)
-    x = edm_heun_sample(counted(exact_denoiser(MIXTURE), calls), x_T, karras_sigmas(18), generator=g, **churn)
+    x = ode.heun(counted(exact_denoiser(MIXTURE), calls), x_T, karras_grid(18), generator=g, **churn)
     assert len(calls) == 35
     check_matches_mixture(x, MIXTURE, extra_rel_std=HEUN18_ALLOWANCE)
-    deterministic = edm_heun_sample(exact_denoiser(MIXTURE), x_T, karras_sigmas(18))
-    torch.testing.assert_close(deterministic, edm_heun_sample(exact_denoiser(MIXTURE), x_T, karras_sigmas(18), generator=g))
+    deterministic = ode.heun(exact_denoiser(MIXTURE), x_T, karras_grid(18))
+    torch.testing.assert_close(deterministic, ode.heun(exact_denoiser(MIXTURE), x_T, karras_grid(18), generator=g))
     assert (x - deterministic).abs().mean() > 1e-2
 
 
@@ -168,22 +179,27 @@ def test_heun_is_second_order_and_euler_first_on_the_exact_gaussian_flow():
     den = exact_denoiser(gaussian)
 
     def err(sampler, n):
-        return (sampler(den, x_T, karras_sigmas(n)) - exact).abs().max().item()
+        return (sampler(den, x_T, karras_grid(n)) - exact).abs().max().item()
 
-    assert err(edm_heun_sample, 20) / err(edm_heun_sample, 40) > 3.5
-    assert 1.6 < err(edm_euler_sample, 20) / err(edm_euler_sample, 40) < 2.5
-    assert err(edm_heun_sample, 20) < 0.5 * err(edm_euler_sample, 20)
+    assert err(ode.heun, 20) / err(ode.heun, 40) > 3.5
+    assert 1.6 < err(ode.euler, 20) / err(ode.euler, 40) < 2.5
+    assert err(ode.heun, 20) < 0.5 * err(ode.euler, 20)
     heun_calls, euler_calls = [], []
-    edm_heun_sample(counted(den, heun_calls), x_T, karras_sigmas(18))
-    edm_euler_sample(counted(den, euler_calls), x_T, karras_sigmas(18))
+    ode.heun(counted(den, heun_calls), x_T, karras_grid(18))
+    ode.euler(counted(den, euler_calls), x_T, karras_grid(18))
     assert (len(heun_calls), len(euler_calls)) == (35, 18)
 
 
 def test_samplers_reject_a_bad_schedule():
     with pytest.raises(ValueError, match="decreasing"):
-        edm_heun_sample(exact_denoiser(MIXTURE), torch.zeros(2, 2), torch.tensor([1.0, 2.0]))
-    with pytest.raises(ValueError, match="positive"):
-        edm_euler_sample(exact_denoiser(MIXTURE), torch.zeros(2, 2), torch.tensor([1.0, 0.0]))
+        ode.heun(exact_denoiser(MIXTURE), torch.zeros(2, 2), torch.tensor([1.0, 2.0, 0.0]))
+    # Grids now carry their final 0 explicitly, so [1, 0] is a valid grid (one step to D); what stays refused is a
+    # non-positive level anywhere but last, or a negative one.
+    for bad in ([1.0, 0.0, 0.0], [2.0, 0.0, -1.0], [1.0, -0.5]):
+        with pytest.raises(ValueError, match="positive"):
+            ode.euler(exact_denoiser(MIXTURE), torch.zeros(2, 2), torch.tensor(bad))
+        with pytest.raises(ValueError, match="positive"):
+            ode.heun(exact_denoiser(MIXTURE), torch.zeros(2, 2), torch.tensor(bad))
 
 
 # --- the module ----------------------------------------------------------------------------------------
@@ -283,10 +299,16 @@ def test_module_is_reproducible_clips_and_rejects_unknown_samplers():
     a = module.sample(64, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a, module.sample(64, generator=torch.Generator().manual_seed(1)))
     assert a.abs().max() <= 1.0
-    with pytest.raises(ValueError, match="sampler"):
-        module.sample(2, sampler="ddim")
+    # Every registry sampler of a denoiser now runs on EDM (ddim, pc, ...); refused are names that are no sampler
+    # and cm, which needs a consistency function, at sampling and in the config alike.
+    with pytest.raises(ValueError, match="not a sampler"):
+        module.sample(2, sampler="no_such_sampler")
+    with pytest.raises(ValueError, match="sampler=cm is not defined for EDM"):
+        module.sample(2, sampler="cm")
     with pytest.raises(ValueError, match="model.sampler"):
-        toy_module(sampler="pc")
+        toy_module(sampler="cm")
+    with pytest.raises(ValueError, match="model.sampler"):
+        toy_module(sampler="no_such_sampler")
 
 
 def test_conditional_module_trains_and_samples_with_cond():
@@ -325,8 +347,10 @@ def test_module_settings_reach_the_sampler_grid_and_the_optimizer():
 
     module = EDM(MLP((2,), hidden=8, depth=1, emb_dim=8), partial(torch.optim.Adam, lr=1e-3), partial(warmup_constant, warmup_steps=10),
                  data_shape=(2,), rho=3.0, sample_steps=5, p_std=0.5)
-    torch.testing.assert_close(module.sigmas(), karras_sigmas(5, 0.002, 80.0, 3.0))
-    assert not torch.allclose(module.sigmas(), karras_sigmas(5, 0.002, 80.0, 7.0))
+    for sampler in ("heun", "euler"):
+        grid = module.grid(sampler, module.sample_steps)
+        torch.testing.assert_close(grid, karras_grid(5, 0.002, 80.0, 3.0))
+        assert not torch.allclose(grid, karras_grid(5, 0.002, 80.0, 7.0))
     optim = module.configure_optimizers()
     assert isinstance(optim, dict) and optim["lr_scheduler"]["scheduler"] is not None
     for bad in ({"p_std": 0.0}, {"sigma_data": -1.0}):

@@ -34,12 +34,15 @@ CONFIGS = {
     "consistency_training": ["data=toy2d", "model=consistency", "model.mode=train"],
     "scheduled_sampling": ["data=toy2d", "model=scheduled_sampling"],
     "bc_mse": ["data=obstacle2d", "model=bc_mse"],
+    "flow_matching_digits": ["model=flow_matching"],
+    "flow_matching_toy2d": ["data=toy2d", "model=flow_matching"],
+    "pusht_flow": ["experiment=pusht_flow", f"data.path={PUSHT_ZARR}"],
 }
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fast_dev_run_checks_a_config_with_a_handful_of_samples(name, tmp_path):
-    if name == "pusht" and not (PUSHT_ZARR and Path(PUSHT_ZARR).exists()):
+    if name in ("pusht", "pusht_flow") and not (PUSHT_ZARR and Path(PUSHT_ZARR).exists()):
         pytest.skip("set PUSHT_ZARR to pusht_cchi_v7_replay.zarr")
     if name == "cifar10":
         write_fake_cifar10(tmp_path / "cifar-10-batches-py")

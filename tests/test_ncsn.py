@@ -8,21 +8,22 @@ import pytest
 import torch
 
 from lightning_modules.analytic import GaussianMixture
-from lightning_modules.langevin import annealed_langevin, geometric_sigmas, langevin, sigma_max_from_data
-from lightning_modules.ncsn import NCSN
+from lightning_modules.ncsn import NCSN, sigma_max_from_data
 from lightning_modules.nets import MLP
+from samplers.grids import append_zero, geometric
+from samplers.langevin import annealed_langevin, langevin
 from test_ddpm_samplers import MIXTURE, N, check_matches_mixture
 from test_score_objectives import COV, gaussian_score, sample_data
 
 
 def test_geometric_sigmas_run_from_sigma_max_to_sigma_min_with_a_constant_ratio():
-    sigmas = geometric_sigmas(50.0, 0.01, 232)
+    sigmas = geometric(50.0, 0.01, 232)
     assert len(sigmas) == 232 and abs(sigmas[0].item() - 50.0) < 1e-9 and abs(sigmas[-1].item() - 0.01) < 1e-12
     ratios = sigmas[:-1] / sigmas[1:]
     torch.testing.assert_close(ratios, torch.full_like(ratios, (50.0 / 0.01) ** (1 / 231)))
-    assert geometric_sigmas(1.0, 0.01, 1).tolist() == [0.01]
+    assert geometric(1.0, 0.01, 1).tolist() == [0.01]
     with pytest.raises(ValueError):
-        geometric_sigmas(0.01, 1.0, 10)
+        geometric(0.01, 1.0, 10)
 
 
 def test_sigma_max_from_data_is_the_largest_pairwise_distance():
@@ -34,47 +35,59 @@ def test_sigma_max_from_data_is_the_largest_pairwise_distance():
     assert sigma_max_from_data(images) == pytest.approx(brute, rel=1e-5)
 
 
-def analytic_level_score(mixture: GaussianMixture, sigmas: torch.Tensor):
-    return lambda x, idx: mixture.score(x, 1.0, sigmas[idx])
+def analytic_denoiser(mixture: GaussianMixture):
+    """The VE-form denoiser of the mixture's exact score at every level: D(x; sigma) = x + sigma^2 s(x; sigma)
+    (Tweedie), so the samplers' score (D - x) / sigma^2 is the exact score of y = x + sigma z."""
+    return lambda x, sigma: x + sigma.to(x.dtype)[:, None] ** 2 * mixture.score(x, 1.0, sigma)
 
 
 @pytest.mark.parametrize("n_steps_each,step_lr", [(50, 2e-5), (100, 5e-5)])
 def test_annealed_langevin_with_the_exact_score_reproduces_the_mixture(n_steps_each, step_lr):
-    sigmas = geometric_sigmas(10.0, 0.01, 20)
+    sigmas = append_zero(geometric(10.0, 0.01, 20))  # the trailing 0: NCSNv2's final denoising step
     g = torch.Generator().manual_seed(0)
-    x = annealed_langevin(analytic_level_score(MIXTURE, sigmas), sigmas, 10.0 * torch.randn(N, 2, generator=g), n_steps_each, step_lr, generator=g)
+    x = annealed_langevin(analytic_denoiser(MIXTURE), 10.0 * torch.randn(N, 2, generator=g), sigmas, generator=g,
+                          n_steps_each=n_steps_each, step_lr=step_lr)
     check_matches_mixture(x, MIXTURE)
 
 
 def test_annealed_langevin_with_a_wrong_score_fails_the_check():
-    sigmas = geometric_sigmas(10.0, 0.01, 20)
+    sigmas = append_zero(geometric(10.0, 0.01, 20))
     wrong = GaussianMixture(MIXTURE.means, MIXTURE.stds, weights=[0.45, 0.45, 0.1])
     g = torch.Generator().manual_seed(1)
-    x = annealed_langevin(analytic_level_score(wrong, sigmas), sigmas, 10.0 * torch.randn(N, 2, generator=g), 50, 2e-5, generator=g)
+    x = annealed_langevin(analytic_denoiser(wrong), 10.0 * torch.randn(N, 2, generator=g), sigmas, generator=g,
+                          n_steps_each=50, step_lr=2e-5)
     with pytest.raises(AssertionError):
         check_matches_mixture(x, MIXTURE)
 
 
 def test_final_denoising_step_is_tweedie_at_sigma_min():
-    sigmas = geometric_sigmas(1.0, 0.5, 2)
+    """A trailing 0 in the grid is the denoising step x + sigma_L^2 s(x; sigma_L), at the last positive level."""
     x = torch.randn(10, 2, generator=torch.Generator().manual_seed(2))
-    score_fn = analytic_level_score(MIXTURE, sigmas)
-    out = annealed_langevin(score_fn, sigmas, x, n_steps_each=0, step_lr=1e-3, denoise=True)
+    out = annealed_langevin(analytic_denoiser(MIXTURE), x, append_zero(geometric(1.0, 0.5, 2)), n_steps_each=0, step_lr=1e-3)
     torch.testing.assert_close(out, MIXTURE.denoiser(x, 1.0, 0.5))
+    # and without the 0 there is no denoising step: zero Langevin steps leave x as it is
+    torch.testing.assert_close(annealed_langevin(analytic_denoiser(MIXTURE), x, geometric(1.0, 0.5, 2), n_steps_each=0), x)
 
 
 def test_plain_langevin_samples_one_mode_but_misweights_separated_modes():
-    """Song & Ermon 2019, Sec. 3.2: from a broad start, single-scale Langevin with the exact data score
-    lands in each mode's basin by volume, not by weight; within one Gaussian it is correct."""
+    """Song & Ermon 2019, Sec. 3.2: from a broad start, single-scale Langevin with the exact score
+    lands in each mode's basin by volume, not by weight; within one Gaussian it is correct.
+
+    samplers.langevin reads the score from a denoiser at the grid's lowest level, (D - x) / sigma^2, which needs
+    sigma > 0: at sigma = 0.01 (NCSN's sigma_min) the target is p_0.01, the data with stds sqrt(s^2 + 1e-4),
+    compared against exactly (0.5 -> 0.5001, within the bounds either way)."""
+    sigma = 0.01
     g = torch.Generator().manual_seed(3)
     single = GaussianMixture(means=[[1.0, -1.0]], stds=[0.5])
-    x = langevin(lambda y: single.score(y, 1.0, 0.0), 3 * torch.randn(N, 2, generator=g), 1000, 1e-2, g)
+    s = math.sqrt(0.5**2 + sigma**2)
+    x = langevin(analytic_denoiser(single), 3 * torch.randn(N, 2, generator=g), [sigma], generator=g, n_steps=1000, step_size=1e-2)
     # step 1e-2 on variance 0.25 biases the std by ~ step / (4 std^2) = 1%: a stated allowance of 2%
-    assert ((x.mean(0) - single.means[0].float()).abs() < 5 * 0.5 / math.sqrt(N)).all()
-    assert ((x.std(0) - 0.5).abs() < 5 * 0.5 / math.sqrt(2 * N) + 0.02 * 0.5).all()
-    x = langevin(lambda y: MIXTURE.score(y, 1.0, 0.0), 6 * torch.randn(N, 2, generator=g), 1000, 1e-2, g)
+    assert ((x.mean(0) - single.means[0].float()).abs() < 5 * s / math.sqrt(N)).all()
+    assert ((x.std(0) - s).abs() < 5 * s / math.sqrt(2 * N) + 0.02 * s).all()
+    x = langevin(analytic_denoiser(MIXTURE), 6 * torch.randn(N, 2, generator=g), [sigma], generator=g, n_steps=1000, step_size=1e-2)
+    perturbed = GaussianMixture(MIXTURE.means, (MIXTURE.stds**2 + sigma**2).sqrt(), MIXTURE.weights)
     with pytest.raises(AssertionError, match="weight"):
-        check_matches_mixture(x, MIXTURE)
+        check_matches_mixture(x, perturbed)
 
 
 # --- the module ----------------------------------------------------------------------------------------
@@ -168,7 +181,9 @@ def test_module_samples_and_counts_nfe(sampler, steps, nfe):
 
 
 def test_module_rejects_unknown_names_naming_the_key():
-    for key, value in (("objective", "sm"), ("parametrization", "v3"), ("sampler", "pc")):
+    # every registry sampler runs on NCSN's denoiser (sampler=pc included); cm needs a consistency function, and
+    # an unknown name is no sampler at all
+    for key, value in (("objective", "sm"), ("parametrization", "v3"), ("sampler", "cm"), ("sampler", "annealed")):
         with pytest.raises(ValueError, match=f"model.{key}"):
             toy_ncsn(**{key: value})
 
@@ -188,7 +203,7 @@ class ExactLevelNet(torch.nn.Module):
 
 
 def test_module_sample_with_the_exact_score_reproduces_the_mixture():
-    """The module's wiring: x_init = sigma_max z, its geometric levels, s = net / sigma and the final denoising
+    """The module's wiring: x_T = sigma_max z, its geometric levels, s = net / sigma and the final denoising
     step, with annealed Langevin at the settings of the function-level test (20 levels, 10 -> 0.01)."""
     module = NCSN(ExactLevelNet(), partial(torch.optim.Adam, lr=1e-3), data_shape=(2,), sigma_max=10.0, sigma_min=0.01,
                   num_scales=20, n_steps_each=100, step_lr=5e-5)

@@ -3,6 +3,10 @@ log-likelihood with an exact score must match the true log-density; the ScoreSDE
 
 The mixture perturbed by q(x_t | x_0) = N(m x_0, s^2 I) is again a mixture, so its score is exact at
 every t: errors come only from the sampler, and tolerances are standard errors of the sample size.
+
+The samplers (the `samplers` registry) run on a VE-form denoiser: x_VE = x / m = x0 + sigma n with
+sigma = s / m, and D(x_VE; sigma) = x_VE + sigma^2 m score(m x_VE, t(sigma)); the SDE's native grid is
+sigma(t_k) on t = 1 -> eps evenly spaced, and the denoising step at eps is a last step to sigma = 0.
 """
 
 import math
@@ -16,15 +20,8 @@ from lightning_modules.analytic import GaussianMixture
 from lightning_modules.nets import MLP
 from lightning_modules.score_sde import ScoreSDE
 from lightning_modules.sde import make_sde
-from lightning_modules.sde_samplers import (
-    bits_per_dim,
-    dequantize,
-    euler_maruyama,
-    ode_log_likelihood,
-    predictor_corrector,
-    probability_flow_ode,
-    probability_flow_ode_adaptive,
-)
+from samplers import SAMPLERS, Counted, grids
+from samplers.likelihood import dequantize, log_likelihood
 from test_ddpm_samplers import MIXTURE, N, check_matches_mixture
 
 SAMPLE_EPS = {"ve": 1e-5, "vp": 1e-3, "subvp": 1e-3}
@@ -38,21 +35,55 @@ def analytic_score(mixture: GaussianMixture, sde):
     return score_fn
 
 
+def _t(sde, value: float) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.float64)
+
+
+def mean_scale(sde, t: float) -> float:
+    return sde.marginal(_t(sde, t))[0].item()
+
+
+def ve_denoiser(score_fn, sde):
+    """The VE-form denoiser of a score in the SDE's own coordinates: at sigma, t = t(sigma) and (m, s) the marginal
+    there (s / m = sigma), x_native = m x_VE, score_VE(x_VE) = m score(m x_VE, t), D = x_VE + sigma^2 score_VE.
+    In float64 (at VP's sigma_max ~ 152, D is x minus almost all of itself)."""
+
+    def denoiser(x, sigma):
+        sigma = sigma.double()
+        t = sde.t_of_ve_sigma(sigma)
+        m = sde.marginal(t)[0][:, None]
+        return (x.double() + sigma[:, None] ** 2 * m * score_fn(m * x.double(), t)).to(x.dtype)
+
+    return denoiser
+
+
+def sde_grid(sde, steps: int, eps: float, denoise: bool = True) -> torch.Tensor:
+    """sigma(t_k) on steps + 1 evenly spaced times 1 -> eps, then (denoise) a last step to 0: Tweedie at eps."""
+    sigmas = grids.time_uniform(sde.ve_sigma, steps, sde.T, eps)
+    return grids.append_zero(sigmas) if denoise else sigmas
+
+
+def to_ve(sde, x_T: torch.Tensor) -> torch.Tensor:
+    """The prior draw x_T (the SDE's own coordinates at t = T) in VE form."""
+    return x_T / mean_scale(sde, sde.T)
+
+
 def run_sampler(name: str, sde_name: str, mixture: GaussianMixture = MIXTURE, seed: int = 0):
     sde = make_sde(sde_name)
     g = torch.Generator().manual_seed(seed)
-    x_T = sde.prior_sample((N, 2), g)
-    score_fn, eps = analytic_score(mixture, sde), SAMPLE_EPS[sde_name]
+    x = to_ve(sde, sde.prior_sample((N, 2), g))
+    denoiser, eps = ve_denoiser(analytic_score(mixture, sde), sde), SAMPLE_EPS[sde_name]
     if name == "euler_maruyama":
-        return euler_maruyama(score_fn, sde, x_T, 1000, eps=eps, generator=g)
+        return SAMPLERS["euler_maruyama"].fn(denoiser, x, sde_grid(sde, 1000, eps), generator=g)
     if name == "pc":
-        return predictor_corrector(score_fn, sde, x_T, 1000, snr=0.16, eps=eps, generator=g)
+        return SAMPLERS["pc"].fn(denoiser, x, sde_grid(sde, 1000, eps), generator=g, snr=0.16, n_corrector_steps=1)
     if name == "pc_em":
-        return predictor_corrector(score_fn, sde, x_T, 500, predictor="euler_maruyama", snr=0.16, n_corrector_steps=2, eps=eps, generator=g)
+        # the old euler_maruyama predictor: in VE form both predictors are one step; fewer levels, two corrector steps
+        return SAMPLERS["pc"].fn(denoiser, x, sde_grid(sde, 500, eps), generator=g, snr=0.16, n_corrector_steps=2)
     if name == "ode_heun":
-        return probability_flow_ode(score_fn, sde, x_T, 200, "heun", eps=eps)
+        return SAMPLERS["heun"].fn(denoiser, x, sde_grid(sde, 200, eps))
     if name == "ode_adaptive":
-        return probability_flow_ode_adaptive(score_fn, sde, x_T, 1e-5, 1e-5, eps=eps)[0]
+        return SAMPLERS["ode_adaptive"].fn(denoiser, x, sde_grid(sde, 1, eps), rtol=1e-5, atol=1e-5)
     raise ValueError(name)
 
 
@@ -72,26 +103,34 @@ def test_sampler_with_a_wrong_score_fails_the_check(sampler):
 
 
 def test_euler_ode_is_deterministic_and_heun_beats_euler_at_equal_steps():
+    """On the VP SDE's native grid sigma(t_k), without the denoising step (the state at sigma(eps), VE form)."""
     sde = make_sde("vp")
-    score_fn = analytic_score(MIXTURE, sde)
-    x_T = sde.prior_sample((500, 2), torch.Generator().manual_seed(2))
-    reference = probability_flow_ode(score_fn, sde, x_T, 1000, "heun", eps=1e-3, denoise=False)
-    euler = probability_flow_ode(score_fn, sde, x_T, 20, "euler", eps=1e-3, denoise=False)
-    heun = probability_flow_ode(score_fn, sde, x_T, 20, "heun", eps=1e-3, denoise=False)
-    torch.testing.assert_close(euler, probability_flow_ode(score_fn, sde, x_T, 20, "euler", eps=1e-3, denoise=False))
+    denoiser = ve_denoiser(analytic_score(MIXTURE, sde), sde)
+    x_T = to_ve(sde, sde.prior_sample((500, 2), torch.Generator().manual_seed(2)))
+    euler_fn, heun_fn = SAMPLERS["euler"].fn, SAMPLERS["heun"].fn
+    grid = lambda steps: sde_grid(sde, steps, 1e-3, denoise=False)  # noqa: E731
+    reference = heun_fn(denoiser, x_T, grid(1000))
+    euler = euler_fn(denoiser, x_T, grid(20))
+    heun = heun_fn(denoiser, x_T, grid(20))
+    torch.testing.assert_close(euler, euler_fn(denoiser, x_T, grid(20)))
     assert (heun - reference).abs().mean() < 0.5 * (euler - reference).abs().mean()
 
 
 def test_adaptive_ode_reports_its_nfe_and_tighter_tolerance_costs_more():
+    """The NFE a sampler spent is what samplers.Counted (the module's return_nfe) reports: every solver evaluation
+    (each one seen by the callback) and the denoising step's one."""
     sde = make_sde("ve")
-    score_fn = analytic_score(MIXTURE, sde)
-    x_T = sde.prior_sample((200, 2), torch.Generator().manual_seed(3))
-    calls = []
-    counted = lambda x, t: calls.append(1) or score_fn(x, t)  # noqa: E731
-    _, nfe_loose = probability_flow_ode_adaptive(counted, sde, x_T, 1e-3, 1e-3, eps=1e-5)
-    assert nfe_loose == len(calls)  # denoise adds its one evaluation to the solver's
-    _, nfe_tight = probability_flow_ode_adaptive(score_fn, sde, x_T, 1e-6, 1e-6, eps=1e-5)
-    assert nfe_tight > nfe_loose > 10
+    denoiser = ve_denoiser(analytic_score(MIXTURE, sde), sde)
+    x_T = to_ve(sde, sde.prior_sample((200, 2), torch.Generator().manual_seed(3)))
+    calls, seen = [], []
+    loose = Counted(lambda x, s: calls.append(1) or denoiser(x, s))
+    SAMPLERS["ode_adaptive"].fn(loose, x_T, sde_grid(sde, 1, 1e-5), callback=lambda i, s, x: seen.append(i), rtol=1e-3, atol=1e-3)
+    assert loose.calls == len(calls) == len(seen) + 1  # denoise adds its one evaluation to the solver's
+    assert seen == list(range(len(seen)))
+    tight = Counted(denoiser)
+    SAMPLERS["ode_adaptive"].fn(tight, x_T, sde_grid(sde, 1, 1e-5), rtol=1e-6, atol=1e-6)
+    assert tight.calls > loose.calls > 10
+    assert SAMPLERS["ode_adaptive"].nfe(sde_grid(sde, 1, 1e-5).tolist(), {}) is None  # known only after the solve
 
 
 # --- likelihood --------------------------------------------------------------------------------------
@@ -102,6 +141,16 @@ GAUSSIAN = GaussianMixture(means=[[0.5, -1.0, 0.3]], stds=[0.7])
 def true_logp(mixture, sde, x, eps):
     mean_scale, std = sde.marginal(torch.tensor([eps], dtype=torch.float64))
     return mixture.log_prob(x, mean_scale, std)
+
+
+def ode_log_likelihood(score_fn, sde, x, probe, eps, generator):
+    """log p_eps(x) in the SDE's own coordinates through samplers.likelihood, which works in VE form: the data at
+    t = eps are x_VE = x / m(eps) at sigma(eps), the prior N(0, prior_std^2 I) at T is N(0, (prior_std / m(T))^2 I)
+    at sigma(T), and the change of variables x = m x_VE gives log p(x) = log p_VE(x / m) - D log m."""
+    m_lo, m_hi = mean_scale(sde, eps), mean_scale(sde, sde.T)
+    lo, hi = sde.ve_sigma(_t(sde, eps)).item(), sde.ve_sigma(_t(sde, sde.T)).item()
+    logp, nfe = log_likelihood(ve_denoiser(score_fn, sde), x / m_lo, lo, hi, sde.prior_std() / m_hi, probe, generator=generator)
+    return logp - x[0].numel() * math.log(m_lo), nfe
 
 
 @pytest.mark.parametrize("sde_name", ["ve", "vp", "subvp"])
@@ -116,12 +165,23 @@ def test_ode_likelihood_of_gaussian_data_matches_the_true_log_density(sde_name):
     assert nfe > 10
 
 
+# Sample sizes of equal resolution (standard error of the mean error) for the two probes. Rademacher gives the
+# same per-sample estimates as the old VP-coordinate ODE (z^T I z = D exactly, and the two velocities' Jacobians
+# differ by a multiple of I). Gaussian probes do not: samplers.likelihood integrates div(x - D) in u = log sigma,
+# whose Jacobian I - J_D tends to I for sigma above the data scale, so the estimate carries (||z||^2 - D) times
+# int du ~ log(sigma_max / 0.4) ~ 6 there (the old VP drift's Jacobian vanished there): per-sample std ~ sqrt(2 D) * 6
+# ~ 12 nats, measured 11.6 against 1.51 for the old estimator on this batch. (1.51 / 11.6)^2 * 300 ~ 1 / 60 of the
+# old resolution at 300 points, so the Gaussian case takes 20000 points (the old SE and a little better), and
+# keeps the old bounds in standard-error units.
+LIKELIHOOD_N = {"rademacher": 300, "gaussian": 20000}
+
+
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
 def test_ode_likelihood_is_unbiased_with_either_probe_on_a_mixture(probe):
     """With a non-diagonal Jacobian the Hutchinson estimate is noisy per sample but unbiased: the mean error
     over samples is within 5 standard errors (plus the solver's tolerance)."""
     sde = make_sde("vp")
-    x = MIXTURE.sample(300, torch.Generator().manual_seed(0))
+    x = MIXTURE.sample(LIKELIHOOD_N[probe], torch.Generator().manual_seed(0))
     logp, _ = ode_log_likelihood(analytic_score(MIXTURE, sde), sde, x, probe, eps=1e-5, generator=torch.Generator().manual_seed(1))
     err = logp.double() - true_logp(MIXTURE, sde, x, 1e-5)
     assert abs(err.mean().item()) < 5 * err.std().item() / math.sqrt(len(x)) + 0.02
@@ -129,17 +189,6 @@ def test_ode_likelihood_is_unbiased_with_either_probe_on_a_mixture(probe):
     wrong = GaussianMixture(MIXTURE.means, MIXTURE.stds, weights=[0.45, 0.45, 0.1])
     err_wrong = logp.double() - true_logp(wrong, sde, x, 1e-5)
     assert abs(err_wrong.mean().item()) > 5 * err_wrong.std().item() / math.sqrt(len(x)) + 0.02
-
-
-class AnalyticModule:
-    """What bits_per_dim needs of a module: .sde, .eps and .score(x, t, cond)."""
-
-    def __init__(self, mixture, sde_name, eps=1e-5):
-        self.sde, self.eps = make_sde(sde_name), eps
-        self._score = analytic_score(mixture, self.sde)
-
-    def score(self, x, t, cond=None):
-        return self._score(x, t)
 
 
 def test_bits_per_dim_with_dequantization_matches_the_discrete_distribution():
@@ -155,7 +204,10 @@ def test_bits_per_dim_with_dequantization_matches_the_discrete_distribution():
     normal = torch.distributions.Normal(gaussian.means[0], std)
     log_pk = torch.log(normal.cdf(hi.double()) - normal.cdf(lo.double())).sum(1)
     exact_bpd = -log_pk / (3 * math.log(2))
-    bpd, _ = bits_per_dim(AnalyticModule(gaussian, "vp"), x, num_levels=levels, generator=torch.Generator().manual_seed(5))
+    # DiffusionModule.bits_per_dim of a VP module with the exact score, from t = eps (model.eps) to T
+    module = ScoreSDE(MLP((3,), hidden=8, depth=1, emb_dim=8), partial(torch.optim.Adam, lr=1e-3), data_shape=(3,), sde="vp", eps=1e-5)
+    module.net = ExactScoreNet(gaussian, module.sde, "vp")
+    bpd, _ = module.bits_per_dim(x, num_levels=levels, generator=torch.Generator().manual_seed(5))
     assert abs(bpd.double().mean().item() - exact_bpd.mean().item()) < 0.01, (bpd.mean(), exact_bpd.mean())
     assert dequantize(x, levels, g).sub(lo).min() >= 0 and hi.sub(dequantize(x, levels, g)).min() > 0
 
@@ -208,11 +260,15 @@ def test_module_samples_with_each_sampler_and_counts_nfe(sampler, nfe):
     assert module.nfe(sampler) == nfe == len(calls)
 
 
-def test_module_adaptive_ode_records_its_nfe():
+def test_module_adaptive_ode_returns_its_nfe():
     module = toy_module("vp")
-    assert module.nfe("ode_adaptive") == 0  # nothing solved yet
-    module.sample(5, sampler="ode_adaptive", generator=torch.Generator().manual_seed(0))
-    assert module.nfe("ode_adaptive") > 1
+    assert module.nfe("ode_adaptive") is None  # known only after the solve
+    calls = []
+    forward = module.net.forward
+    module.net.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    x, nfe = module.sample(5, sampler="ode_adaptive", generator=torch.Generator().manual_seed(0), return_nfe=True)
+    assert x.shape == (5, 2) and torch.isfinite(x).all()
+    assert nfe == len(calls) > 1
 
 
 def test_module_bits_per_dim_of_a_zero_score_is_the_prior():
@@ -228,17 +284,36 @@ def test_module_bits_per_dim_of_a_zero_score_is_the_prior():
     assert (bpd_q - bpd).sub(7).abs().max() < 1e-3  # the prior is flat at this scale: only the offset changes
 
 
-def test_reverse_diffusion_with_steps_too_coarse_for_ddpm_chain_fails_clearly():
+def test_reverse_diffusion_predictor_in_ve_form_is_defined_on_grids_too_coarse_for_ddpm_chain():
+    """The old reverse-diffusion predictor was VP's discrete chain (DDPM's, beta_i = beta(t) dt) and had to refuse
+    beta_max dt >= 1 (VP with 10 steps). The VE-form predictor, x + (s^2 - s'^2) / s^2 (D - x) + sqrt(s^2 - s'^2) z,
+    weighs D - x by a number in [0, 1) on any decreasing grid, so there is nothing to refuse: on the 10-step VP grid
+    each step is that closed form (D = 0, a point mass at 0: x' = (s'^2 / s^2) x + sqrt(s^2 - s'^2) z, the draws
+    replayed from the same seed), and the predictor-corrector sampler ends finite at 10 steps as at 25."""
     sde = make_sde("vp")
-    score_fn = analytic_score(MIXTURE, sde)
-    with pytest.raises(ValueError, match="sample_steps"):
-        predictor_corrector(score_fn, sde, torch.randn(4, 2), steps=10, eps=1e-3)
-    assert torch.isfinite(predictor_corrector(score_fn, sde, torch.randn(4, 2), steps=25, eps=1e-3)).all()
+    grid = sde_grid(sde, 10, 1e-3, denoise=False).tolist()
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    zero = lambda y, sigma: torch.zeros_like(y)  # noqa: E731
+    for s, s_next in zip(grid[:-1], grid[1:]):
+        got = SAMPLERS["euler_maruyama"].fn(zero, x, [s, s_next], generator=torch.Generator().manual_seed(6))
+        z = torch.randn(4, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+        torch.testing.assert_close(got, (s_next**2 / s**2) * x + math.sqrt(s**2 - s_next**2) * z)
+    denoiser = ve_denoiser(analytic_score(MIXTURE, sde), sde)
+    for steps in (10, 25):
+        x_T = to_ve(sde, torch.randn(4, 2, generator=torch.Generator().manual_seed(steps)))
+        out = SAMPLERS["pc"].fn(denoiser, x_T, sde_grid(sde, steps, 1e-3), generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(out).all()
+    module = toy_module("vp", sampler="pc", sample_steps=10)
+    module.net = ExactScoreNet(MIXTURE, module.sde, "vp")
+    assert torch.isfinite(module.sample(4, generator=torch.Generator().manual_seed(1))).all()
 
 
 def test_module_rejects_unknown_names():
+    toy_module(sampler="ddim")  # every registry sampler runs on a score SDE's VE-form denoiser
     with pytest.raises(ValueError, match="model.sampler"):
-        toy_module(sampler="ddim")
+        toy_module(sampler="ddim_sample")  # no sampler of that name
+    with pytest.raises(ValueError, match="model.sampler"):
+        toy_module(sampler="cm")  # needs a consistency function
     with pytest.raises(ValueError, match="model.sde"):
         toy_module(sde="vpp")
     with pytest.raises(ValueError, match="model.predictor"):

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from lightning_modules.langevin import geometric_sigmas
 from lightning_modules.schedules import DiscreteSchedule, linear_betas
 from lightning_modules.sde import SDE, SubVPSDE, VESDE, VPSDE, make_sde
+from samplers.grids import geometric
 
 SDES = {"ve": VESDE(0.01, 50.0), "vp": VPSDE(0.1, 20.0), "subvp": SubVPSDE(0.1, 20.0)}
 
@@ -105,11 +105,22 @@ def test_ve_discretization_is_smld_with_its_geometric_sigmas():
     sde = VESDE(0.01, 50.0)
     t = torch.arange(N, dtype=torch.float64) / (N - 1)
     _, G = sde.discretize(torch.zeros(N, 1, dtype=torch.float64), t, 1.0 / (N - 1))
-    smld = geometric_sigmas(50.0, 0.01, N).flip(0)  # ascending
+    smld = geometric(50.0, 0.01, N).flip(0)  # ascending
     torch.testing.assert_close(sde.sigma(t), smld)
     torch.testing.assert_close(G**2, smld**2 - torch.cat([smld.new_zeros(1), smld[:-1] ** 2]))
     # the variances add up: after the chain, the marginal std is sigma_max
     assert abs((G**2).sum().sqrt().item() - 50.0) < 1e-9
+
+
+@pytest.mark.parametrize("name", SDES)
+def test_ve_sigma_is_std_over_mean_scale_and_t_of_ve_sigma_inverts_it(name):
+    """The samplers see every SDE in VE form, x / mean_scale = x0 + (std / mean_scale) n: sigma(t) from the closed
+    forms above, and t(sigma) its inverse over (0, 1] (what the VE-form denoiser feeds the net)."""
+    sde = SDES[name]
+    t = torch.linspace(1e-5, 1.0, 101, dtype=torch.float64)
+    mean, std = closed_form(name, t)
+    torch.testing.assert_close(sde.ve_sigma(t), std / mean)
+    torch.testing.assert_close(sde.t_of_ve_sigma(sde.ve_sigma(t)), t, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", SDES)

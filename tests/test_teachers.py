@@ -1,6 +1,6 @@
 """Teachers for consistency distillation, beyond the unconditional checks of test_consistency.py: a conditional
 teacher passes its cond through every conversion (a consistency policy distils a conditional diffusion policy),
-the DDPM teacher's fractional step between and beyond its grid, and the bookkeeping a warm start reads."""
+the DDPM teacher's fractional step (DDPM.level_of) between and beyond its grid, and the bookkeeping a warm start reads."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from lightning_modules.ddpm import DDPM
 from lightning_modules.edm import EDM
 from lightning_modules.score_sde import ScoreSDE
 from lightning_modules.sde import VESDE
-from lightning_modules.teachers import DDPMTeacher, FunctionTeacher, Teacher, method_name, teacher_from_module
+from lightning_modules.teachers import FunctionTeacher, ModuleTeacher, Teacher, method_name, teacher_from_module
 
 BASE = [[-2.0, 0.0], [2.0, 0.0], [0.0, 3.0]]
 
@@ -73,13 +73,13 @@ def conditional_teacher(kind: str):
     return teacher_from_module(module, "ckpt.ckpt", {"note": kind})
 
 
-@pytest.mark.parametrize("kind", ["edm", "ve", "vp", "ddpm-eps", "ddpm-x0", "ddpm-v"])
+@pytest.mark.parametrize("kind", ["edm", "ve", "vp", "subvp", "ddpm-eps", "ddpm-x0", "ddpm-v"])
 def test_conditional_teachers_denoise_with_their_cond(kind):
     teacher = conditional_teacher(kind)
     g = torch.Generator().manual_seed(0)
     cond = torch.randn(6, 2, generator=g)
     # DDPM: at its own noise levels (between them the net sees a fractional step index, tested below)
-    sigmas = [teacher._log_sigmas[i].exp().item() for i in (40, 300, 900)] if kind.startswith("ddpm") else [0.05, 0.8, 6.0]
+    sigmas = [teacher.module.level_sigmas[i].item() for i in (40, 300, 900)] if kind.startswith("ddpm") else [0.05, 0.8, 6.0]
     for sigma in sigmas:
         x = torch.randn(6, 2, generator=g) * (1 + sigma)
         exact = rowwise(lambda m, xr: m.denoiser(xr.double(), 1.0, sigma), x, cond).float()
@@ -99,14 +99,21 @@ def test_function_teacher_passes_cond():
 def test_ddpm_teachers_fractional_step_is_linear_in_log_sigma_and_clamped_to_the_grid():
     module = DDPM(nn.Identity(), None, data_shape=(2,), num_timesteps=100)
     teacher = teacher_from_module(module)
-    assert isinstance(teacher, DDPMTeacher)
-    grid = teacher._log_sigmas
+    assert isinstance(teacher, ModuleTeacher) and teacher.kind == "ddpm" and teacher.module is module
+    grid = module.level_sigmas.log()
     for i in (0, 1, 50, 98):
         mid = torch.tensor([(0.25 * grid[i] + 0.75 * grid[i + 1]).exp().item()], dtype=torch.float64)
-        assert teacher.fractional_t(mid).item() == pytest.approx(i + 0.75, abs=1e-9)
+        assert module.level_of(mid).item() == pytest.approx(i + 0.75, abs=1e-9)
     below = torch.tensor([grid[0].exp().item() / 10], dtype=torch.float64)
     above = torch.tensor([grid[-1].exp().item() * 10], dtype=torch.float64)
-    assert teacher.fractional_t(below).item() == 0.0 and teacher.fractional_t(above).item() == pytest.approx(99.0)
+    assert module.level_of(below).item() == 0.0 and module.level_of(above).item() == pytest.approx(99.0)
+    # new with level_of: within 1e-4 of a level the index snaps to that integer (what the net was trained on),
+    # beyond it the interpolation is left alone
+    for i in (0, 1, 50, 98):
+        near = torch.tensor([(grid[i] + 5e-5 * (grid[i + 1] - grid[i])).exp().item()], dtype=torch.float64)
+        away = torch.tensor([(grid[i] + 2e-4 * (grid[i + 1] - grid[i])).exp().item()], dtype=torch.float64)
+        assert module.level_of(near).item() == i
+        assert module.level_of(away).item() == pytest.approx(i + 2e-4, abs=1e-9)
 
 
 def test_a_teacher_needs_a_proper_sigma_range():
@@ -126,3 +133,6 @@ def test_method_names_for_messages():
         assert method_name({"_target_": "lightning_modules.score_sde.ScoreSDE", "sde": sde}) == name
     assert method_name({"_target_": "lightning_modules.score_sde.ScoreSDE"}) == "vpsde"  # the default SDE
     assert method_name({"_target_": "my.Model"}) == "my.Model" and method_name({}) == "unknown"
+    # the methods added with the shared core
+    assert method_name({"_target_": "lightning_modules.flow_matching.FlowMatching"}) == "flow_matching"
+    assert method_name({"_target_": "lightning_modules.scheduled_sampling.ScheduledSamplingDDPM"}) == "scheduled_sampling"
