@@ -161,7 +161,7 @@ def evaluate_exposure_bias(cfg: DictConfig, module, ckpt, datamodule, device: st
     """Exposure bias of the sampler on held-out data (Ning et al. 2024), with the quality figure beside it:
     a smaller variance gap alone can mean the samples collapsed."""
     from callbacks.exposure_bias import exposure_curve
-    from callbacks.visualize import save_png
+    from difflab.pictures import save_png
     from lightning_modules.exposure_bias import measure_exposure_bias
 
     if not hasattr(module, "schedule"):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from callbacks.visualize import save_png
+from difflab.pictures import save_png
 from difflab.cli import entry_keys, one_line_errors, writable_dir
 from difflab.config_checks import check_config, check_known_keys
 from difflab.errors import ConfigError

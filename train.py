@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks.periodic import SMOKE_EPISODE_STEPS, SMOKE_SAMPLES
 from callbacks.sample_logger import log_image
-from callbacks.visualize import save_png
+from difflab.pictures import save_png
 from difflab.checkpoint_io import SafeCheckpointIO
 from difflab.cli import one_line_errors, print_error, resume_command
 from difflab.config_checks import check_config

@@ -18,7 +18,7 @@ from torch.utils.data import default_collate
 from callbacks.ema import ema_weights
 from callbacks.periodic import EveryNValidations
 from callbacks.sample_logger import log_image
-from callbacks.visualize import agg_figure, figure_rgb, save_png
+from difflab.pictures import agg_figure, figure_rgb, save_png
 
 
 def exposure_curve(result: dict, title: str = "") -> np.ndarray:

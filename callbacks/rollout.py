@@ -11,13 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.ema import ema_weights
 from callbacks.periodic import SMOKE_EPISODE_STEPS, EveryNValidations
 from callbacks.quality import shard_size
-from callbacks.visualize import log_gif, save_gif
+from difflab.pictures import gif_bytes, save_gif
 
 
 class PolicyRollout(EveryNValidations):
@@ -65,3 +66,13 @@ class PolicyRollout(EveryNValidations):
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):  # under fast_dev_run the loggers are Lightning's dummies
                     log_gif(logger.experiment, "rollout/episode", frames, trainer.global_step)
+
+
+def log_gif(experiment, tag: str, frames: list[np.ndarray], step: int, fps: int = 10) -> None:
+    """A rollout video in TensorBoard's image tab: an encoded GIF summary, which is what add_video writes,
+    without add_video's moviepy dependency."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    h, w = np.asarray(frames[0]).shape[:2]
+    image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=gif_bytes(frames, fps))
+    experiment._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.ema import ema_weights
 from callbacks.periodic import EveryNValidations
-from callbacks.visualize import save_png
+from difflab.pictures import save_png
 
 
 def log_image(trainer: pl.Trainer, tag: str, image, step: int) -> None:

@@ -6,31 +6,7 @@ import numpy as np
 import torch
 
 from datamodules.base import ArrayDataModule
-
-DIGITS_MAX = 16.0  # pixel values in load_digits are integers 0..16
-
-
-def load_digits_split(split: str, val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Images in [-1, 1] shaped (N, 1, 8, 8) float32 and labels (N,) int64.
-
-    The split is a fixed permutation of the 1797 images (seed 0 by default), so
-    the project's digits classifier, the Frechet floor and every training run see
-    the same train/val split.
-    """
-    from sklearn.datasets import load_digits
-
-    if split not in ("train", "val", "all"):
-        raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
-    digits = load_digits()
-    images = (digits.images.astype(np.float32) / DIGITS_MAX) * 2.0 - 1.0
-    images = images[:, None]
-    labels = digits.target.astype(np.int64)
-    if split == "all":
-        return images, labels
-    order = np.random.default_rng(seed).permutation(len(images))
-    n_val = int(round(val_fraction * len(images)))
-    idx = order[:n_val] if split == "val" else order[n_val:]
-    return images[idx], labels[idx]
+from evaluation.digits_classifier import DIGITS_MAX, load_digits_split  # one split for the data and the metric
 
 
 class DigitsDataModule(ArrayDataModule):
@@ -68,7 +44,7 @@ class DigitsDataModule(ArrayDataModule):
         return ((x.clamp(-1, 1) + 1.0) / 2.0) * DIGITS_MAX
 
     def render(self, x: torch.Tensor) -> np.ndarray:
-        from callbacks.visualize import image_grid
+        from difflab.pictures import image_grid
 
         return image_grid((x.clamp(-1, 1) + 1.0) / 2.0, upscale=4)
 

@@ -120,7 +120,7 @@ class ImageDataModule(pl.LightningDataModule):
         return (x.clamp(-1, 1) + 1.0) / 2.0
 
     def render(self, x: torch.Tensor) -> np.ndarray:
-        from callbacks.visualize import image_grid
+        from difflab.pictures import image_grid
 
         return image_grid(self.unnormalize(x))
 

@@ -82,7 +82,7 @@ class Toy2DDataModule(ArrayDataModule):
         return sample_toy(self.name, n, generator)
 
     def render(self, x: torch.Tensor) -> np.ndarray:
-        from callbacks.visualize import scatter_over_reference
+        from difflab.pictures import scatter_over_reference
 
         reference = sample_toy(self.name, 2000, torch.Generator().manual_seed(10_000 + self.seed))
         return scatter_over_reference(x, reference, title=self.name)

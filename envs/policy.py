@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from datamodules.normalizer import MinMaxNormalizer
 from difflab.errors import CheckpointError
 
 
@@ -18,8 +17,8 @@ class Policy:
     def __init__(
         self,
         module,
-        obs_normalizer: MinMaxNormalizer,
-        action_normalizer: MinMaxNormalizer,
+        obs_normalizer,  # datamodules.normalizer.MinMaxNormalizer (anything with normalize / unnormalize)
+        action_normalizer,
         obs_keys: list[str],
         obs_dims: dict[str, int],
         n_obs_steps: int,

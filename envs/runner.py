@@ -105,7 +105,7 @@ def _env_max_steps(make_env: Callable) -> int:
 def evaluate_policy(policy, datamodule, num_episodes: int, seed: int, max_steps: int | None = None, render_episodes: int = 0,
                     video_dir=None, progress: bool = False) -> dict:
     """The paper's protocol (seeds seed..seed+num_episodes-1, receding horizon) plus NFE, sampler and latency per chunk."""
-    from callbacks.visualize import save_gif
+    from difflab.pictures import save_gif
 
     make_env = lambda: datamodule.make_env()  # noqa: E731
     start = time.perf_counter()

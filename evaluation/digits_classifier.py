@@ -31,13 +31,25 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DIFFLAB_CACHE") or Path.home() / ".cache" / "difflab")
 
 
-def _sklearn_digits_split(split: str, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Same split and scaling as datamodules.digits.load_digits_split (checked by a test)."""
+DIGITS_MAX = 16.0  # pixel values in load_digits are integers 0..16
+
+
+def load_digits_split(split: str, val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Images in [-1, 1] shaped (N, 1, 8, 8) float32 and labels (N,) int64.
+
+    The split is a fixed permutation of the 1797 images (seed 0 by default), so the digits classifier, the
+    Frechet floor and every training run (datamodules.digits reads it from here) see the same train/val split.
+    """
     from sklearn.datasets import load_digits
 
+    if split not in ("train", "val", "all"):
+        raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
     digits = load_digits()
-    images = (digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0)[:, None]
+    images = (digits.images.astype(np.float32) / DIGITS_MAX) * 2.0 - 1.0
+    images = images[:, None]
     labels = digits.target.astype(np.int64)
+    if split == "all":
+        return images, labels
     order = np.random.default_rng(seed).permutation(len(images))
     n_val = int(round(val_fraction * len(images)))
     idx = order[:n_val] if split == "val" else order[n_val:]
@@ -47,12 +59,6 @@ def _sklearn_digits_split(split: str, val_fraction: float, seed: int) -> tuple[n
 def _digits_split(split: str, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    try:
-        from datamodules.digits import load_digits_split
-    except ImportError:
-        # datamodules.digits needs datamodules.base, which may not exist yet in a
-        # partial checkout; the metric must not depend on the training stack.
-        return _sklearn_digits_split(split, val_fraction, seed)
     return load_digits_split(split, val_fraction=val_fraction, seed=seed)
 
 

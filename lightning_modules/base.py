@@ -250,6 +250,16 @@ class DiffusionModule(pl.LightningModule):
         return bpd, nfe
 
     # --- helpers for methods ----------------------------------------------------------------
+    def training_length(self, what: str) -> int:
+        """The run's length in optimizer steps, for schedules that move over training: trainer.max_steps, else
+        model.total_steps (a ConfigError saying `what` needs it when neither is set)."""
+        trainer = self._trainer
+        if trainer is not None and trainer.max_steps is not None and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        if getattr(self, "total_steps", None) is None:
+            raise ConfigError(f"{what}: set trainer.max_steps or model.total_steps")
+        return int(self.total_steps)
+
     def prior_noise(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn((num_samples, *self.data_shape), generator=generator, device=self._generator_device(generator))
 

@@ -221,12 +221,7 @@ class ConsistencyModel(DiffusionModule):
         return self._grid_cache[key]
 
     def curriculum_total_steps(self) -> int:
-        trainer = self._trainer
-        if trainer is not None and trainer.max_steps is not None and trainer.max_steps > 0:
-            return int(trainer.max_steps)
-        if self.total_steps is None:
-            raise ConfigError("model.mode=train grows N over training: set trainer.max_steps or model.total_steps")
-        return self.total_steps
+        return self.training_length("model.mode=train grows N over training")
 
     def num_scales_at(self, step: int) -> int:
         """N for the current step: fixed in distillation, the iCT curriculum in training."""

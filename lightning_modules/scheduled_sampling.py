@@ -76,12 +76,7 @@ class ScheduledSamplingDDPM(DDPM):
 
     # --- the schedule of p and the draw of m ---------------------------------------------------------
     def schedule_total_steps(self) -> int:
-        trainer = self._trainer
-        if trainer is not None and trainer.max_steps is not None and trainer.max_steps > 0:
-            return int(trainer.max_steps)
-        if self.total_steps is None:
-            raise ValueError("p moves from p_start to p_end over training: set trainer.max_steps or model.total_steps")
-        return self.total_steps
+        return self.training_length("p moves from p_start to p_end over training")
 
     def rollback_prob(self, step: int | None = None) -> float:
         """p(k) = p_start + (p_end - p_start) * min(k / K, 1), k = the optimizer step (global_step by default)."""

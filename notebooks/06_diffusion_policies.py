@@ -45,7 +45,7 @@ from IPython.display import Image, display
 from matplotlib.patches import Circle
 from nbkit import ROOT, RUNS, SMALL, build, compose, fit, steps  # noqa: F401
 
-from callbacks.visualize import gif_bytes
+from difflab.pictures import gif_bytes
 from envs import obstacle2d as ob
 from envs.policy import Policy, load_policy
 from envs.runner import chunk_latency, run_episodes, summarize

@@ -53,7 +53,7 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     Sampler("euler", ode.euler, (), lambda g, o: _transitions(g), ode=True, doc="Euler on the PF-ODE (= DDIM, eta 0)"),
     Sampler("heun", ode.heun, ("s_churn", "s_tmin", "s_tmax", "s_noise"), _heun_nfe, ode=True,
             doc="EDM's Heun (Algorithm 1; 2 with s_churn)"),
-    Sampler("dpmpp_2m", ode.dpmpp_2m, ("min_ratio",), lambda g, o: _transitions(g), ode=True, doc="DPM-Solver++(2M)"),
+    Sampler("dpmpp_2m", ode.dpmpp_2m, ("min_ratio", "lower_order_final"), lambda g, o: _transitions(g), ode=True, doc="DPM-Solver++(2M)"),
     Sampler("ode_adaptive", ode.adaptive, ("rtol", "atol"), lambda g, o: None, ode=True, doc="RK45 in log sigma"),
     Sampler("ddim", stochastic.ddim, ("eta",), lambda g, o: _transitions(g), doc="DDIM, eq. 12 with eta"),
     Sampler("ancestral", stochastic.ancestral, ("variance",), lambda g, o: _transitions(g),

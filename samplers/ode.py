@@ -71,13 +71,14 @@ def second_order_ok(h_prev: float, h: float, min_ratio: float) -> bool:
 
 @torch.no_grad()
 def dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas, generator=None, callback: Callback | None = None, progress=False,
-             min_ratio: float = 0.5):
+             min_ratio: float = 0.5, lower_order_final: bool = False):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in VE form, lambda = -log sigma, h = lambda_next - lambda:
 
         D_i = (1 + 1 / (2 r)) D(x_i) - 1 / (2 r) D(x_(i-1)),   x_next = (sigma_next / sigma) x - expm1(-h) D_i,
 
     first order on the first step, on a step to 0 (h infinite: x = D) and where r < min_ratio (see
-    second_order_ok; at 10 steps on DDPM's uniform grid the step to its last level has r = 0.14).
+    second_order_ok; at 10 steps on DDPM's uniform grid the step to its last level has r = 0.14), and with
+    lower_order_final on the last step to a positive level too (diffusers' option of that name).
     """
     levels, watch = grids.check(sigmas), Watch(callback)
     d_prev, h_prev = None, None
@@ -91,7 +92,8 @@ def dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas, generator=None, callba
             break
         h = math.log(s / s_next)
         dd = d
-        if d_prev is not None and second_order_ok(h_prev, h, min_ratio):
+        last = i + 2 == len(levels) or levels[i + 2] == 0
+        if d_prev is not None and second_order_ok(h_prev, h, min_ratio) and not (lower_order_final and last):
             r = h_prev / h
             dd = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * d_prev
         x = (s_next / s) * x - math.expm1(-h) * dd

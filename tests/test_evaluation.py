@@ -105,13 +105,18 @@ def digits_metric(cache_dir):
     return dc.DigitsFrechetDistance()
 
 
-def test_sklearn_fallback_matches_datamodule_split():
-    from datamodules import digits  # a broken project import must fail here, not skip
+def test_the_digits_split_is_a_fixed_partition_the_datamodule_shares():
+    from datamodules.digits import DigitsDataModule  # a broken project import must fail here, not skip
 
-    for split in ("train", "val"):
-        ours, theirs = dc._sklearn_digits_split(split, 0.2, 0), digits.load_digits_split(split, 0.2, 0)
-        np.testing.assert_array_equal(ours[0], theirs[0])
-        np.testing.assert_array_equal(ours[1], theirs[1])
+    images, labels = dc.load_digits_split("all")
+    train, val = dc.load_digits_split("train", 0.2, 0), dc.load_digits_split("val", 0.2, 0)
+    assert len(val[0]) == round(0.2 * len(images)) and len(train[0]) + len(val[0]) == len(images) == 1797
+    rows = {tuple(x.ravel()) + (int(y),) for x, y in zip(images, labels)}
+    assert {tuple(x.ravel()) + (int(y),) for x, y in zip(*train)} | {tuple(x.ravel()) + (int(y),) for x, y in zip(*val)} == rows
+    assert images.min() == -1.0 and images.max() == 1.0
+    np.testing.assert_array_equal(dc.load_digits_split("val", 0.2, 0)[0], val[0])  # the same split every call
+    assert not np.array_equal(dc.load_digits_split("val", 0.2, 1)[0], val[0])  # and another for another seed
+    np.testing.assert_array_equal(DigitsDataModule(val_fraction=0.2, split_seed=0).load_split("val").numpy(), val[0])
 
 
 def test_classifier_accuracy_and_cache_reuse(cache_dir, monkeypatch):

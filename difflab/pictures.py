@@ -84,13 +84,3 @@ def save_gif(frames: list[np.ndarray], path: str | Path, fps: int = 10) -> Path:
     tmp.write_bytes(gif_bytes(frames, fps))
     tmp.replace(path)
     return path
-
-
-def log_gif(experiment, tag: str, frames: list[np.ndarray], step: int, fps: int = 10) -> None:
-    """A rollout video in TensorBoard's image tab: an encoded GIF summary, which is what add_video writes,
-    without add_video's moviepy dependency."""
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    h, w = np.asarray(frames[0]).shape[:2]
-    image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=gif_bytes(frames, fps))
-    experiment._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
