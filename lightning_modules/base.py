@@ -165,7 +165,7 @@ class DiffusionModule(pl.LightningModule):
     def _plan(self, sampler, steps, options):
         sampler = self.check_sampling(sampler, steps=steps, **options)
         given = {k: v for k, v in options.items() if v is not None}
-        opts = {**self.sampling_defaults(sampler), **given, "_steps": int(steps or self.sample_steps)}
+        opts = {**self.sampling_defaults(sampler), **given, "_steps": int(self.sample_steps if steps is None else steps)}
         return sampler, opts, self.grid(sampler, opts["_steps"], opts)
 
     def nfe(self, sampler: str | None = None, steps: int | None = None, **options) -> int | None:

@@ -118,10 +118,10 @@ def test_every_spacing_matches_its_definition():
     assert grids.discrete_levels(table, 10).tolist() == [round(999 * f) for f in frac]  # uniform is the default
     assert grids.discrete_levels(table, 10, "quadratic").tolist() == [round(999 * f * f) for f in frac]
     # karras: each level is the one whose sigma is nearest (in log) to Karras et al.'s rho = 7 grid
+    # the table is sigma_t = sqrt(1 - abar_t) / sqrt(abar_t), from the very buffers q_sample uses
     schedule = exact_ddpm(MIXTURE).schedule
-    abar = schedule.alphas_cumprod.double()
-    log_sigma = 0.5 * torch.log((1 - abar) / abar)
-    torch.testing.assert_close(table.log(), log_sigma)  # the table is the schedule's sigma_t = sqrt((1 - abar) / abar)
+    log_sigma = schedule.sqrt_one_minus_alphas_cumprod.double().log() - schedule.sqrt_alphas_cumprod.double().log()
+    torch.testing.assert_close(table.log(), log_sigma, rtol=1e-12, atol=1e-12)
     lo, hi = math.exp(log_sigma[0] / 7), math.exp(log_sigma[999] / 7)
     ts = grids.discrete_levels(table, 10, "karras").tolist()
     for f, t in zip(frac, ts):
@@ -156,6 +156,18 @@ def test_ddim_eta0_is_deterministic_and_eta1_is_not():
     c = module.sample(16, sampler="ddim", steps=20, eta=1.0, x_T=x_T, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(a, b)
     assert (a - c).abs().max() > 1e-2
+
+
+def test_ddim_over_every_level_with_eta_one_is_ancestral_with_the_posterior_variance():
+    """DDIM's eta = 1 is DDPM's posterior step (Song et al. 2021, eq. 16); on all T levels it is the ancestral sampler
+    with variance='posterior', bitwise, and not the one with Ho et al.'s larger beta_t."""
+    module = exact_ddpm(MIXTURE, num_timesteps=100)
+    x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(7))
+    ddim = module.sample(64, sampler="ddim", steps=100, eta=1.0, x_T=x_T, generator=torch.Generator().manual_seed(8))
+    posterior = module.sample(64, sampler="ancestral", variance="posterior", x_T=x_T, generator=torch.Generator().manual_seed(8))
+    beta = module.sample(64, sampler="ancestral", variance="beta", x_T=x_T, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(ddim, posterior)
+    assert (beta - posterior).abs().max() > 1e-3
 
 
 def gaussian_ddpm(schedule_name: str, T: int, s: float) -> DDPM:

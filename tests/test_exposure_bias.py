@@ -258,7 +258,8 @@ def test_trajectory_and_callback_see_every_visited_state(sampler):
     step, g = samplers.get(sampler).fn, torch.Generator().manual_seed(1)
     nxt = [*states[1:], x]
     for k in range(len(levels)):
-        assert torch.equal(step(lambda v, sg: model.denoise(v, sg), states[k], grid[k : k + 2], generator=g, **options), nxt[k]), k
+        one_step = step(lambda v, sg: model.denoise(v, sg), states[k], grid[k : k + 2], generator=g, **options)
+        assert torch.equal(one_step, nxt[k]), k
 
 
 # --- the measurement -------------------------------------------------------------------------------------
@@ -325,7 +326,7 @@ def test_plots_leave_the_global_matplotlib_backend_alone():
     import matplotlib
 
     from callbacks.exposure_bias import exposure_curve
-    from callbacks.visualize import scatter_over_reference
+    from difflab.pictures import scatter_over_reference
 
     before = matplotlib.get_backend()
     matplotlib.use("svg")
@@ -363,7 +364,8 @@ def test_ddim_step_with_eta_one_adds_the_ddpm_posterior_std():
         assert up_half == pytest.approx(0.5 * up, rel=1e-6)
         for eta, want in [(1.0, up), (0.5, up_half)]:
             z = torch.randn(1, 1, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
-            x = stochastic.ddim(zero, torch.zeros(1, 1, dtype=torch.float64), table[[t, t - 1]], torch.Generator().manual_seed(t), eta=eta)
+            x = stochastic.ddim(zero, torch.zeros(1, 1, dtype=torch.float64), table[[t, t - 1]],
+                                torch.Generator().manual_seed(t), eta=eta)
             assert x.item() == pytest.approx(want * z.item(), rel=1e-6)
 
 

@@ -175,9 +175,9 @@ def test_module_samples_and_counts_nfe(sampler, steps, nfe):
     calls = []
     forward = module.net.forward
     module.net.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
-    x = module.sample(9, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0))
+    x, spent = module.sample(9, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0), return_nfe=True)
     assert x.shape == (9, 2) and x.abs().max() <= 1.0
-    assert module.nfe(sampler, steps) == nfe == len(calls)
+    assert module.nfe(sampler, steps) == nfe == len(calls) == spent
 
 
 def test_module_rejects_unknown_names_naming_the_key():
