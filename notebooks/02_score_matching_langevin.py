@@ -19,7 +19,10 @@
 # 2011), samples from it with Langevin dynamics, shows the two ways this fails (low-density regions and mode
 # weights), and fixes both with noise perturbation and annealed Langevin (NCSN, Song & Ermon 2019).
 # Every score, loss and sampler below is the project's (`lightning_modules/score_objectives.py`,
-# `langevin.py`, `analytic.py`, `ncsn.py`); the notebook only trains and measures.
+# `analytic.py`, `ncsn.py`, and the Langevin samplers in `samplers/langevin.py`); the notebook only trains and
+# measures. The samplers take what every method of the project provides, a *denoiser* D(x, sigma) = E[x0 | x]
+# for x = x0 + sigma n; a score enters through Tweedie's formula D = x + sigma^2 s, and the samplers read it
+# back as s = (D - x) / sigma^2.
 
 # %%
 import warnings
@@ -34,9 +37,11 @@ import torch  # noqa: E402
 
 from datamodules.base import ArrayDataModule  # noqa: E402
 from lightning_modules.analytic import GaussianMixture  # noqa: E402
-from lightning_modules.langevin import annealed_langevin, geometric_sigmas, langevin, sigma_max_from_data  # noqa: E402
+from lightning_modules.ncsn import sigma_max_from_data  # noqa: E402
 from lightning_modules.nets import MLP  # noqa: E402
 from lightning_modules.score_objectives import dsm, ism, ssm  # noqa: E402
+from samplers import grids  # noqa: E402
+from samplers.langevin import annealed_langevin, langevin  # noqa: E402
 
 # One thread: on the shared 2-core machine two threads per process ran ~10x slower than one.
 torch.set_num_threads(1)
@@ -193,6 +198,9 @@ plt.show()
 # stationary distribution as alpha -> 0 and the number of steps grows. We start 1000 chains from the uniform
 # distribution on the box, take 1000 steps of alpha = 0.01 (4% of the modes' variance), with the exact score and
 # with each learned one, and measure the fraction of samples that end nearest to the 0.8 mode.
+# `langevin` runs at the lowest level of the grid it is given; these scores have no noise level, so each is
+# passed as the denoiser D = x + sigma^2 s(x) on the one-level grid sigma = 1, a placeholder that the
+# sampler's (D - x) / sigma^2 divides out again.
 
 # %%
 N_CHAINS = steps(1000, 300)
@@ -210,9 +218,22 @@ def per_mode_stats(x):
     return {k: (x[nearest == k].mean(0), x[nearest == k].std(0)) for k in range(2) if (nearest == k).sum() > 1}
 
 
-plain = {"exact score": langevin(lambda y: mixture.score(y), x_init, N_LANGEVIN, ALPHA, generator=torch.Generator().manual_seed(6))}
+def score_denoiser(score):
+    """A score s(x) without noise level as the VE-form denoiser D(x, sigma) = x + sigma^2 s(x) (Tweedie)."""
+    return lambda y, sigma: y + sigma[:, None] ** 2 * score(y)
+
+
+ONE_LEVEL = torch.tensor([1.0], dtype=torch.float64)  # the grid of plain Langevin with a level-free score
+
+
+def run_langevin(score):
+    return langevin(score_denoiser(score), x_init, ONE_LEVEL, generator=torch.Generator().manual_seed(6),
+                    n_steps=N_LANGEVIN, step_size=ALPHA)
+
+
+plain = {"exact score": run_langevin(lambda y: mixture.score(y))}
 for name, net in nets.items():
-    plain[f"{name} score"] = langevin(as_score(net), x_init, N_LANGEVIN, ALPHA, generator=torch.Generator().manual_seed(6))
+    plain[f"{name} score"] = run_langevin(as_score(net))
 
 print(f"share in the 0.8 mode after {N_LANGEVIN} Langevin steps from uniform init ({N_CHAINS} chains; binomial std "
       f"~{(0.8 * 0.2 / N_CHAINS) ** 0.5:.3f}):")
@@ -265,20 +286,28 @@ print(f"log p drops by {mixture.log_prob(mixture.means[BIG:]).item() - valley:.1
 # samples everywhere in the box (the score is learned there) and its two modes merge into one bump whose
 # shape reflects the weights, so Langevin at large sigma moves mass between modes. Annealed Langevin runs
 # Langevin at sigma_1 > ... > sigma_L in turn, with step alpha_i = eps sigma_i^2 / sigma_L^2, each level
-# starting from the previous level's samples (`annealed_langevin`; NCSN). First with the exact scores of
-# p_sigma (`GaussianMixture.score(x, sigma=...)`), with the NCSN defaults: 20 geometric levels from sigma_max =
-# the largest pairwise data distance (NCSNv2's rule, `sigma_max_from_data`) down to 0.01, 50 steps each,
-# eps = 2e-5, and the final denoising step.
+# starting from the previous level's samples (`annealed_langevin`; NCSN). First with the exact denoisers of
+# p_sigma (`GaussianMixture.denoiser(x, 1.0, sigma)`: E[x0 | x0 + sigma n = x], whose (D - x) / sigma^2 is the
+# exact score of p_sigma), with the NCSN defaults: 20 geometric levels (`samplers.grids.geometric`) from
+# sigma_max = the largest pairwise data distance (NCSNv2's rule, `sigma_max_from_data`) down to 0.01, 50 steps
+# each, eps = 2e-5, and the final denoising step x + sigma_L^2 s(x, sigma_L) = D(x, sigma_L), which the sampler
+# takes when the grid ends in a 0 (`grids.append_zero`).
 
 # %%
 train_points = mixture.sample(20000, generator=torch.Generator().manual_seed(0))
 sigma_max = sigma_max_from_data(train_points[torch.randperm(len(train_points), generator=torch.Generator().manual_seed(0))])
 NUM_SCALES, STEPS_EACH, STEP_LR = 20, steps(50, 10), 2e-5
-sigmas = geometric_sigmas(sigma_max, 0.01, NUM_SCALES)
+sigmas = grids.geometric(sigma_max, 0.01, NUM_SCALES)
 print(f"sigma_max = {sigma_max:.2f} (largest pairwise distance in 4096 training points); sigmas "
       f"{sigmas[0]:.2f} ... {sigmas[-1]:.2f}, {NUM_SCALES} levels x {STEPS_EACH} steps")
-annealed_exact = annealed_langevin(lambda y, i: mixture.score(y, sigma=sigmas[i]), sigmas, x_init, STEPS_EACH, STEP_LR,
-                                   generator=torch.Generator().manual_seed(6))
+
+
+def exact_denoiser(y, sigma):
+    return mixture.denoiser(y, 1.0, sigma)  # E[x0 | y = x0 + sigma n] of the mixture, exactly
+
+
+annealed_exact = annealed_langevin(exact_denoiser, x_init, grids.append_zero(sigmas), generator=torch.Generator().manual_seed(6),
+                                   n_steps_each=STEPS_EACH, step_lr=STEP_LR)
 print(f"exact scores: plain Langevin share {big_mode_share(plain['exact score']):.3f}, "
       f"annealed Langevin share {big_mode_share(annealed_exact):.3f}  (true weight 0.8)")
 # Plain Langevin gets the weights wrong even with the exact score; annealing repairs most of it (both far
@@ -297,8 +326,8 @@ N_SWEEP = steps(8000, 1000)
 x_sweep = (2 * torch.rand(N_SWEEP, 2, generator=torch.Generator().manual_seed(7)) - 1) * lim
 print(f"{N_SWEEP} chains, binomial std ~{(0.16 / N_SWEEP) ** 0.5:.4f}")
 for steps_each in (steps(10, 5), STEPS_EACH, steps(200, 20)):
-    x = annealed_langevin(lambda y, i: mixture.score(y, sigma=sigmas[i]), sigmas, x_sweep, steps_each, STEP_LR,
-                          generator=torch.Generator().manual_seed(8))
+    x = annealed_langevin(exact_denoiser, x_sweep, grids.append_zero(sigmas), generator=torch.Generator().manual_seed(8),
+                          n_steps_each=steps_each, step_lr=STEP_LR)
     print(f"  {steps_each:4d} steps per level ({NUM_SCALES * steps_each:5d} in all): share {big_mode_share(x):.3f}")
 
 # %% [markdown]
@@ -309,7 +338,8 @@ for steps_each in (steps(10, 5), STEPS_EACH, steps(200, 20)):
 # per sample, weighted by sigma^2, on 20000 points of the mixture. `build` composes the config exactly as
 # `train.py` would; the mixture's training points come in through a small datamodule on the project's
 # `ArrayDataModule`. The module samples with `annealed_langevin`, or with plain `langevin` at sigma_min
-# (here with step 0.01, as above); both from the same uniform start.
+# (here with step 0.01, as above); both from the same uniform start (`x_T=`). `ncsn.sample` runs the same
+# `samplers.langevin` functions on the module's denoiser D = x + sigma^2 s_theta(x, sigma), on its trained levels.
 
 # %%
 class MixtureData(ArrayDataModule):
@@ -333,9 +363,11 @@ seconds = fit(ncsn, mixture_data, NCSN_STEPS)
 print(f"NCSN: {NCSN_STEPS} steps in {seconds:.0f} s; sigma {ncsn.sigmas[0]:.2f} .. {ncsn.sigmas[-1]:.3f}, objective {ncsn.objective}")
 
 t0 = time.perf_counter()
-ncsn_plain = ncsn.sample(N_CHAINS, sampler="langevin", steps=N_LANGEVIN, x_init=x_init, generator=torch.Generator().manual_seed(6))
-ncsn_annealed = ncsn.sample(N_CHAINS, sampler="annealed_langevin", x_init=x_init, generator=torch.Generator().manual_seed(6))
-print(f"sampled in {time.perf_counter() - t0:.0f} s ({ncsn.nfe('langevin', N_LANGEVIN)} and {ncsn.nfe('annealed_langevin')} NFE per chain)")
+ncsn_plain, nfe_plain = ncsn.sample(N_CHAINS, sampler="langevin", steps=N_LANGEVIN, x_T=x_init,
+                                    generator=torch.Generator().manual_seed(6), return_nfe=True)
+ncsn_annealed, nfe_annealed = ncsn.sample(N_CHAINS, sampler="annealed_langevin", x_T=x_init,
+                                          generator=torch.Generator().manual_seed(6), return_nfe=True)
+print(f"sampled in {time.perf_counter() - t0:.0f} s ({nfe_plain} and {nfe_annealed} NFE per chain)")
 
 # %% [markdown]
 # The learned noise-conditional score against the exact score of each p_sigma, on the low-density cells of the
