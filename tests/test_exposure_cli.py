@@ -46,7 +46,7 @@ def test_exposure_bias_is_logged_and_evaluated(tmp_path):
     assert [round(t) for t in result["per_step"]["t"]] == [round((T - 1) * (1 - k / 4) ** 2) for k in range(5)]
     proc = run_cli("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "sampler=dpmpp_2m", "steps=5",
                    "time_shift_window=3", "num_samples=64", f"out={tmp_path / 'bad.json'}", "progress=false", check=False)
-    assert proc.returncode == 2 and "not to sampler=dpmpp_2m" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "not an option of DDPM's sampler=dpmpp_2m" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
