@@ -96,9 +96,10 @@ def draw(module, sampler_name, keep=None, **fixes):
     """Samples from the module's own sampler, with the states at the SHOW levels when `keep` is a dict."""
     sampler, k, n = SAMPLERS[sampler_name]
 
-    def watch(i, t, x):
-        if keep is not None and int(t[0]) in SHOW:
-            keep[int(t[0])] = x.clone()
+    def watch(i, sigma, x):  # the samplers step in the VE form: back to the DDPM's level and VP coordinates
+        t = int(module.level_of(sigma[:1]).round())
+        if keep is not None and t in SHOW:
+            keep[t] = x.clone() * torch.rsqrt(1 + sigma.double()[:, None] ** 2).to(x.dtype)
 
     return module.sample(n, sampler=sampler, steps=k, generator=torch.Generator().manual_seed(2024), callback=watch, **fixes)
 
