@@ -133,6 +133,15 @@ class DDPM(DiffusionModule):
             cached = self.__dict__["_level_sigmas"] = self.schedule.sigmas()
         return cached
 
+    def _log_level_sigmas(self, device) -> torch.Tensor:
+        # One copy per device: the denoiser runs every sampling step, and a fresh host-to-device copy each call
+        # would sit in the hot loop on a GPU.
+        cache = self.__dict__.setdefault("_log_level_sigmas_on", {})
+        key = str(device)
+        if key not in cache:
+            cache[key] = self.level_sigmas.log().to(device)
+        return cache[key]
+
     @property
     def sigma_range(self) -> tuple[float, float]:
         table = self.level_sigmas
@@ -142,7 +151,7 @@ class DDPM(DiffusionModule):
         """The (fractional) step index with noise level sigma: linear in log sigma between two trained levels, as
         DPM-Solver's wrapper of discrete models does (the net is smooth in its noise-level input); snapped to the
         level itself within 1e-4 of it, so on its own grid the net sees exactly the integers it was trained on."""
-        log_grid = self.level_sigmas.log().to(sigma.device)
+        log_grid = self._log_level_sigmas(sigma.device)
         log_sigma = sigma.double().log().clamp(log_grid[0], log_grid[-1])
         hi = torch.searchsorted(log_grid, log_sigma).clamp(1, log_grid.numel() - 1)
         lo = hi - 1

@@ -156,7 +156,7 @@ class NCSN(DiffusionModule):
         if sampler in LANGEVIN:
             sigmas = self.sigmas.double().cpu()
             return grids.append_zero(sigmas) if self.final_denoise and sampler == "annealed_langevin" else sigmas
-        return grids.append_zero(grids.karras(steps, self.sigma_min, self.sigma_max, 7.0))
+        return super().grid(sampler, steps, options)
 
     def sampling_defaults(self, sampler: str) -> dict:
         return {"n_steps_each": self.n_steps_each, "step_lr": self.step_lr,

@@ -88,8 +88,9 @@ def cell_options(module, sampler: str) -> dict:
     return opts
 
 
-def reference(module) -> torch.Tensor:
-    g = torch.Generator().manual_seed(7)
+def true_samples(module, seed: int) -> torch.Tensor:
+    """N draws of the cell's data: the mixture, or the consistency cell's Gaussian at sigma_min."""
+    g = torch.Generator().manual_seed(seed)
     if module.provides == samplers.CONSISTENCY:
         return math.sqrt(GAUSS_STD**2 + module.sigma_min**2) * torch.randn(N, 2, generator=g)
     return MIXTURE.sample(N, generator=g)
@@ -106,16 +107,9 @@ def run_cell(name: str, sampler: str, seed: int = 0):
         s = float(module.grid(sampler, 1)[-1])
         x_T = MIXTURE.sample(N, generator=g) + s * torch.randn(N, 2, generator=g)
     x, nfe = module.sample(N, sampler=sampler, generator=g, return_nfe=True, x_T=x_T, **opts)
-    ref = reference(module)
-    floor = sliced_wasserstein(reference(module) * 0 + _fresh(module), ref)
+    ref = true_samples(module, 7)
+    floor = sliced_wasserstein(true_samples(module, 8), ref)
     return sliced_wasserstein(x, ref), floor, nfe, module.nfe(sampler, opts.get("steps"), **{k: v for k, v in opts.items() if k != "steps"})
-
-
-def _fresh(module) -> torch.Tensor:
-    g = torch.Generator().manual_seed(8)
-    if module.provides == samplers.CONSISTENCY:
-        return math.sqrt(GAUSS_STD**2 + module.sigma_min**2) * torch.randn(N, 2, generator=g)
-    return MIXTURE.sample(N, generator=g)
 
 
 CELLS = [(m, s) for m in METHODS for s in samplers.SAMPLERS]
