@@ -104,9 +104,9 @@ def main(cfg: DictConfig) -> dict:
         return evaluate_policy_checkpoint(cfg, device)
     module, ckpt = load_module(cfg.ckpt_path, map_location=device)
     datamodule = instantiate_datamodule(module.run_config)
-    if hasattr(datamodule, "make_env") and cfg.metric == "auto":
+    if datamodule.data_kind == "trajectory" and cfg.metric == "auto":
         return evaluate_policy_checkpoint(cfg, device)
-    if hasattr(datamodule, "make_env"):
+    if datamodule.data_kind == "trajectory":
         raise ConfigError(f"{cfg.ckpt_path} is a policy: score it with metric=policy (or metric=auto); metric={cfg.metric} needs "
                           "an unconditional generative model")
     if cfg.metric != "bpd":  # bpd integrates the probability-flow ODE whatever the sampler
@@ -202,7 +202,7 @@ def evaluate_policy_checkpoint(cfg: DictConfig, device: str) -> dict:
     policy, datamodule = load_policy(cfg.ckpt_path, cfg.sampler, cfg.steps, cfg.n_action_steps, device, cfg.seed, **fixes)
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"policy_{policy.sampler or getattr(policy.module, 'sampler', 'default')}_{policy.nfe}nfe{sampling_tag(cfg)}.json"
     video_dir = out.parent / f"{out.stem}_videos" if cfg.render else None
-    result = evaluate_policy(policy, datamodule, cfg.num_episodes, cfg.first_seed, cfg.max_steps,
+    result = evaluate_policy(policy, cfg.num_episodes, cfg.first_seed, cfg.max_steps,
                              render_episodes=cfg.num_episodes if cfg.render else 0, video_dir=video_dir, progress=cfg.progress)
     result = {"checkpoint": str(cfg.ckpt_path), "global_step": policy.global_step, "metric": "policy", "device": device, **fixes, **result}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ def main(cfg: DictConfig) -> Path:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     module, ckpt = load_module(cfg.ckpt_path, map_location=device)
     datamodule = instantiate_datamodule(module.run_config)
-    if hasattr(datamodule, "make_env"):
+    if datamodule.data_kind == "trajectory":
         raise policy_error(cfg.ckpt_path)
     kwargs = sampling_kwargs(cfg, module)
     sampler = cfg.sampler or getattr(module, "sampler", None)

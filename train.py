@@ -75,7 +75,7 @@ def final_policy_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Tra
     smoke = bool(trainer.fast_dev_run)  # a config check: one short episode with the cheapest sampler
     sampling = dict(module.quick_sampling) if smoke else {"sampler": cfg.final_eval.sampler, "steps": cfg.final_eval.steps}
     policy = Policy.from_datamodule(module, datamodule, seed=cfg.final_eval.seed, **sampling)
-    result = evaluate_policy(policy, datamodule, 1 if smoke else cfg.final_eval.num_episodes, cfg.final_eval.seed,
+    result = evaluate_policy(policy, 1 if smoke else cfg.final_eval.num_episodes, cfg.final_eval.seed,
                              SMOKE_EPISODE_STEPS if smoke else None, render_episodes=1, video_dir=out_dir)
     result.update(global_step=trainer.global_step, metric="mean_max_reward", value=result["mean_max_reward"])
     result["samples_png"] = result.pop("videos", ["-"])[0]
@@ -89,7 +89,7 @@ def final_policy_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Tra
 
 def final_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Trainer, out_dir: Path) -> dict:
     """Samples from the final EMA weights: PNG, .npz in data space and the quality figure in metrics.json."""
-    if hasattr(datamodule, "make_env"):
+    if datamodule.data_kind == "trajectory":
         return final_policy_evaluation(cfg, module, datamodule, trainer, out_dir)
     module.eval()
     sampler, steps = cfg.final_eval.sampler, cfg.final_eval.steps

@@ -64,7 +64,7 @@ def main() -> None:
         rows["CD, 1 step"] = evaluate(cd, "cm1", "cm", 1)
         rows["CD, 2 steps"] = evaluate(cd, "cm2", "cm", 2)
     if "ct" in stages:
-        ct = train(f"cm_{args.data}_ct", ["model=consistency", "model.mode=train", *common, f"trainer.max_steps={ct_steps}"])
+        ct = train(f"cm_{args.data}_ct", ["model=consistency_training", *common, f"trainer.max_steps={ct_steps}"])
         rows["CT, 1 step"] = evaluate(ct, "cm1", "cm", 1)
         rows["CT, 2 steps"] = evaluate(ct, "cm2", "cm", 2)
     table = {name: {k: r[k] for k in ("metric", "value", "floor", "nfe", "num_samples", "global_step")} for name, r in rows.items()}

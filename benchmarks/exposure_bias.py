@@ -36,7 +36,7 @@ TRAINED = {  # variant: train.py overrides
     "ss_sampler_step": ["model=scheduled_sampling", "model.ss_rollback=sampler_step", "model.sample_steps=10"],
     "input_perturbation": ["model=ddpm", "model.input_perturbation=0.1"],
 }
-SAMPLERS = {"ancestral": ["sampler=ancestral"], "ddim10": ["sampler=ddim", "steps=10"], "ddim4": ["sampler=ddim", "steps=4"],
+SAMPLERS = {"ancestral": ["sampler=ancestral"], "ddim50": ["sampler=ddim", "steps=50"], "ddim10": ["sampler=ddim", "steps=10"], "ddim4": ["sampler=ddim", "steps=4"],
             "ddim10_quadratic": ["sampler=ddim", "steps=10", "ddim_spacing=quadratic"],
             "dpmpp2m10": ["sampler=dpmpp_2m", "steps=10"], "dpmpp2m4": ["sampler=dpmpp_2m", "steps=4"],
             "dpmpp2m10_quadratic": ["sampler=dpmpp_2m", "steps=10", "ddim_spacing=quadratic"],

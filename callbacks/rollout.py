@@ -33,7 +33,7 @@ class PolicyRollout(EveryNValidations):
         self.render_size = render_size
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not hasattr(trainer.datamodule, "make_env") or not self.due(trainer):  # every_n_val=0: no rollouts in training
+        if getattr(trainer.datamodule, "data_kind", None) != "trajectory" or not self.due(trainer):  # every_n_val=0: no rollouts in training
             return
         from envs.policy import Policy
         from envs.runner import run_episodes
@@ -48,7 +48,7 @@ class PolicyRollout(EveryNValidations):
         with ema_weights(trainer, pl_module):
             policy = Policy.from_datamodule(pl_module, datamodule, seed=self.seed + rank,
                                             **self.sampling(trainer, pl_module, self.sampler, self.steps))
-            results = run_episodes(policy, lambda: datamodule.make_env(self.render_size), seeds, max_steps, render)
+            results = run_episodes(policy, lambda: policy.make_env(self.render_size), seeds, max_steps, render)
         totals = torch.tensor(
             [sum(r["max_reward"] for r in results), sum(r["success"] for r in results), sum(r["length"] for r in results)],
             dtype=torch.float64, device=pl_module.device,

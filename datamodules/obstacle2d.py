@@ -11,6 +11,7 @@ from datamodules.trajectories import TrajectoryDataModule
 
 
 class Obstacle2DDataModule(TrajectoryDataModule):
+    task = "obstacle2d"
     env_obs_dims = {"agent_pos": 2}
     action_dim = 2
 
@@ -25,8 +26,3 @@ class Obstacle2DDataModule(TrajectoryDataModule):
         if self.demos_path:
             buffer.save(self.demos_path)
         return buffer
-
-    def make_env(self, render_size: int = 96):
-        from envs.obstacle2d import Obstacle2DEnv
-
-        return Obstacle2DEnv(render_size=render_size)

@@ -23,6 +23,7 @@ DOWNLOAD_HINT = (
 
 
 class PushTDataModule(TrajectoryDataModule):
+    task = "pusht"
     env_obs_dims = {"state": 5, "keypoint": 18, "agent_pos": 2}
     action_dim = 2
 
@@ -39,8 +40,3 @@ class PushTDataModule(TrajectoryDataModule):
         if key == "agent_pos":
             return buffer.data["state"][:, :2]
         return super().observation(buffer, key)
-
-    def make_env(self, render_size: int = 96):
-        from envs.pusht import PushTEnv
-
-        return PushTEnv(render_size=render_size)

@@ -13,16 +13,18 @@ import numpy as np
 import torch
 
 from datamodules.base import ArrayDataModule
-from datamodules.normalizer import MinMaxNormalizer
+from difflab.normalizer import MinMaxNormalizer
 from datamodules.replay_buffer import ReplayBuffer, split_episodes, window_indices
 from difflab.errors import ConfigError
 
 
 class TrajectoryDataModule(ArrayDataModule):
-    """Subclasses set `env_obs_dims` (what the environment can observe) and implement
-    `load_buffer()` and `make_env()`; `observation(buffer, key)` maps a key to (N, dim) rows."""
+    """Subclasses set `task` (the environment's name in `envs.TASKS`) and `env_obs_dims` (what it can observe)
+    and implement `load_buffer()`; `observation(buffer, key)` maps a key to (N, dim) rows. The datamodule never
+    builds the environment: `envs.make_env(task)` does."""
 
     data_kind = "trajectory"
+    task: str = ""
     env_obs_dims: dict[str, int] = {}
     action_dim: int = 2
 
@@ -61,9 +63,6 @@ class TrajectoryDataModule(ArrayDataModule):
 
     # --- what a task provides -----------------------------------------------------------------
     def load_buffer(self) -> ReplayBuffer:
-        raise NotImplementedError
-
-    def make_env(self, render_size: int = 96):
         raise NotImplementedError
 
     def observation(self, buffer: ReplayBuffer, key: str) -> np.ndarray:
@@ -120,6 +119,10 @@ class TrajectoryDataModule(ArrayDataModule):
             "horizon": self.horizon,
             "n_action_steps": self.n_action_steps,
         }
+
+    def policy_spec(self) -> dict:
+        """What a policy needs to act, without the data: saved in every checkpoint as its `policy` entry."""
+        return {**self.state_dict(), "task": self.task, "obs_dims": {k: int(self.env_obs_dims[k]) for k in self.obs_keys}}
 
     def load_state_dict(self, state: dict) -> None:
         if list(state["obs_keys"]) != self.obs_keys or state["horizon"] != self.horizon or state["n_obs_steps"] != self.n_obs_steps:

@@ -126,6 +126,11 @@ def _leaves(cfg: DictConfig, prefix: str = ""):
 def check_config(cfg: DictConfig, entry: str = "train") -> None:
     """Raise ConfigError naming the first setting whose type or range is wrong."""
     extra = ENTRY_RULES.get(entry, {})
+    model = cfg.get("model")
+    if isinstance(model, DictConfig) and "mode" in model:
+        raise ConfigError(f"model.mode={model.get('mode')} is gone: consistency distillation and consistency training are two "
+                          "methods now; use model=consistency (distillation, with model.teacher_ckpt=PATH) or "
+                          "model=consistency_training (no teacher)")
     for key, value in _leaves(cfg):
         name = key.rsplit(".", 1)[-1]
         rule = KEY_RULES.get(key) or extra.get(key) or RULES.get(name)

@@ -11,13 +11,14 @@ import numpy as np
 import torch
 
 from difflab.errors import CheckpointError
+from difflab.normalizer import MinMaxNormalizer
 
 
 class Policy:
     def __init__(
         self,
         module,
-        obs_normalizer,  # datamodules.normalizer.MinMaxNormalizer (anything with normalize / unnormalize)
+        obs_normalizer,  # difflab.normalizer.MinMaxNormalizer (anything with normalize / unnormalize)
         action_normalizer,
         obs_keys: list[str],
         obs_dims: dict[str, int],
@@ -28,8 +29,10 @@ class Policy:
         steps: int | None = None,
         seed: int = 0,
         sample_kwargs: dict | None = None,
+        task: str = "",
     ):
         self.module = module.eval()
+        self.task = task
         self.obs_normalizer, self.action_normalizer = obs_normalizer, action_normalizer
         self.obs_keys = list(obs_keys)
         self.obs_dims = {k: int(obs_dims[k]) for k in self.obs_keys}
@@ -39,13 +42,33 @@ class Policy:
         self.generator = torch.Generator(device=module.device).manual_seed(seed)
 
     @classmethod
-    def from_datamodule(cls, module, datamodule, n_action_steps: int | None = None, **kwargs) -> "Policy":
-        if datamodule.obs_normalizer is None:
-            raise ValueError("the datamodule has no fitted normalizer: call datamodule.setup() or load it from a checkpoint")
+    def from_spec(cls, module, spec: dict, n_action_steps: int | None = None, **kwargs) -> "Policy":
+        """From a checkpoint's `policy` entry (`TrajectoryDataModule.policy_spec()`): normalizers, observation keys
+        and sizes, horizons and the task's name; the policy keeps them as its own state."""
         return cls(
-            module, datamodule.obs_normalizer, datamodule.action_normalizer, datamodule.obs_keys, datamodule.env_obs_dims,
-            datamodule.n_obs_steps, datamodule.horizon, n_action_steps or datamodule.n_action_steps, **kwargs,
+            module, MinMaxNormalizer.from_state_dict(spec["obs_normalizer"]), MinMaxNormalizer.from_state_dict(spec["action_normalizer"]),
+            spec["obs_keys"], spec["obs_dims"], int(spec["n_obs_steps"]), int(spec["horizon"]),
+            n_action_steps or int(spec["n_action_steps"]), task=spec["task"], **kwargs,
         )
+
+    @classmethod
+    def from_datamodule(cls, module, datamodule, n_action_steps: int | None = None, **kwargs) -> "Policy":
+        """A policy of the datamodule's task with a copy of its fitted normalizers (fit on first use)."""
+        return cls.from_spec(module, datamodule.policy_spec(), n_action_steps, **kwargs)
+
+    def spec(self) -> dict:
+        """The inverse of `from_spec` (n_action_steps as executed)."""
+        return {"obs_normalizer": self.obs_normalizer.state_dict(), "action_normalizer": self.action_normalizer.state_dict(),
+                "obs_keys": list(self.obs_keys), "obs_dims": dict(self.obs_dims), "n_obs_steps": self.n_obs_steps,
+                "horizon": self.horizon, "n_action_steps": self.n_action_steps, "task": self.task}
+
+    def make_env(self, render_size: int = 96):
+        """A fresh environment of the task this policy was trained on."""
+        from envs import make_env
+
+        if not self.task:
+            raise ValueError("this policy names no task, so it cannot build its environment: pass make_env to the runner")
+        return make_env(self.task, render_size)
 
     @property
     def nfe(self) -> int | None:
@@ -98,21 +121,27 @@ class Policy:
 
 def load_policy(path, sampler: str | None = None, steps: int | None = None, n_action_steps: int | None = None,
                 device: str = "cpu", seed: int = 0, **sample_kwargs) -> tuple[Policy, object]:
-    """A checkpoint alone acts: (policy, datamodule); `datamodule.make_env()` builds its environment.
+    """A checkpoint alone acts: (policy, datamodule); `policy.make_env()` builds its environment, and the
+    datamodule (not set up, no data read) is returned for its `unnormalize`/`render`.
     sample_kwargs go to every `module.sample` call (e.g. eps_scale=1.01 for a DDPM-family policy)."""
     from lightning_modules.checkpoint import instantiate_datamodule, load_module
 
     module, ckpt = load_module(path, map_location=device)
     datamodule = instantiate_datamodule(module.run_config)
-    if not hasattr(datamodule, "make_env"):
+    if getattr(datamodule, "data_kind", None) != "trajectory":
         raise CheckpointError(f"{path} was trained on {type(datamodule).__name__}, not on demonstrations: it is not a policy "
                               "(sample it with sample.py, score it with evaluate.py's default metric)")
-    state = ckpt.get(type(datamodule).__qualname__)
-    if state is None:
-        raise CheckpointError(f"{path} has no normalizer ({type(datamodule).__qualname__} entry): it was not saved by train.py on trajectory data")
+    spec = ckpt.get("policy")
+    if spec is None:  # checkpoints before the policy entry: Lightning's datamodule state, under its class name
+        legacy = ckpt.get(type(datamodule).__qualname__)
+        if legacy is None:
+            raise CheckpointError(f"{path} has no policy entry (normalizers): it was not saved by train.py on trajectory data")
+        datamodule.load_state_dict(legacy)
+        spec = datamodule.policy_spec()
     module.check_sampling(sampler, steps=steps, **sample_kwargs)
-    datamodule.load_state_dict(state)
-    policy = Policy.from_datamodule(module, datamodule, n_action_steps=n_action_steps, sampler=sampler, steps=steps, seed=seed,
-                                    sample_kwargs=sample_kwargs)
+    policy = Policy.from_spec(module, spec, n_action_steps=n_action_steps, sampler=sampler, steps=steps, seed=seed,
+                              sample_kwargs=sample_kwargs)
+    datamodule.load_state_dict({k: spec[k] for k in ("obs_normalizer", "action_normalizer", "obs_keys", "n_obs_steps",
+                                                     "horizon", "n_action_steps")})
     policy.global_step = int(ckpt.get("global_step", -1))
     return policy, datamodule

@@ -102,12 +102,13 @@ def _env_max_steps(make_env: Callable) -> int:
     return env.max_steps
 
 
-def evaluate_policy(policy, datamodule, num_episodes: int, seed: int, max_steps: int | None = None, render_episodes: int = 0,
+def evaluate_policy(policy, num_episodes: int, seed: int, max_steps: int | None = None, render_episodes: int = 0,
                     video_dir=None, progress: bool = False) -> dict:
-    """The paper's protocol (seeds seed..seed+num_episodes-1, receding horizon) plus NFE, sampler and latency per chunk."""
+    """The paper's protocol (seeds seed..seed+num_episodes-1, receding horizon) plus NFE, sampler and latency per chunk,
+    in the environment of the policy's task."""
     from difflab.pictures import save_gif
 
-    make_env = lambda: datamodule.make_env()  # noqa: E731
+    make_env = policy.make_env
     start = time.perf_counter()
     results = run_episodes(policy, make_env, list(range(seed, seed + num_episodes)), max_steps, render_episodes, progress)
     seconds = time.perf_counter() - start

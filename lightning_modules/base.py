@@ -348,6 +348,10 @@ class DiffusionModule(pl.LightningModule):
             "cond_dim": self.cond_dim,
             "method": f"{type(self).__module__}.{type(self).__qualname__}",
         }
+        # A policy's normalizers, observation keys and task travel with the weights, so the checkpoint acts alone.
+        policy_spec = getattr(getattr(self._trainer, "datamodule", None), "policy_spec", None)
+        if callable(policy_spec):
+            checkpoint["policy"] = policy_spec()
         # Tensors and plain types only, so checkpoints load with torch.load(weights_only=True).
         np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
         checkpoint["rng_states"] = {

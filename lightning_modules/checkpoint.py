@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from difflab.errors import CheckpointError, MissingFileError
 from lightning_modules.base import DiffusionModule
@@ -27,8 +29,30 @@ def sampling_tag(cfg: DictConfig) -> str:
     return "".join(f"_{k}-{v}" for k, v in sampling_options(cfg).items())
 
 
+# Runs before consistency distillation and training became two classes saved one class with a `mode`.
+LEGACY_CONSISTENCY = "lightning_modules.consistency.ConsistencyModel"
+CONSISTENCY_BY_MODE = {"distill": "lightning_modules.consistency_distillation.ConsistencyDistillation",
+                       "train": "lightning_modules.consistency_training.ConsistencyTraining"}
+
+
+def current_config(cfg: DictConfig) -> DictConfig:
+    """cfg with a legacy consistency `model` section rewritten to the class its `mode` named (a copy; the keys
+    the other mode used are dropped), so checkpoints from before the split load and resume."""
+    if cfg.get("model") is None or cfg.model.get("_target_") != LEGACY_CONSISTENCY:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    target = CONSISTENCY_BY_MODE[cfg.model.get("mode", "distill")]
+    accepted = set(inspect.signature(get_class(target).__init__).parameters) | {"_target_", "_partial_"}
+    with open_dict(cfg):
+        cfg.model._target_ = target
+        for key in [k for k in cfg.model if k not in accepted]:
+            del cfg.model[key]
+    return cfg
+
+
 def build_model(cfg: DictConfig, data_shape, cond_dim) -> DiffusionModule:
     """The net from cfg.net and the method from cfg.model, both sized by the datamodule."""
+    cfg = current_config(cfg)
     data_shape = tuple(int(d) for d in data_shape)
     net = instantiate(cfg.net, data_shape=data_shape, cond_dim=cond_dim)
     return instantiate(cfg.model, net=net, data_shape=data_shape, cond_dim=cond_dim)
@@ -69,7 +93,7 @@ def check_compatible(ckpt: dict, cfg: DictConfig, path: str | Path) -> None:
     """Refuse to resume a run of other data, another method or net with a clear message instead of a state_dict
     error. Data first: a data config also picks the net (data=toy2d switches to the MLP), so a missing data=
     would otherwise be blamed on net=."""
-    saved = OmegaConf.create(ckpt["difflab"]["config"])
+    saved = current_config(OmegaConf.create(ckpt["difflab"]["config"]))
     if saved.get("data") is not None and cfg.data.get("_target_") != saved.data.get("_target_"):
         raise CheckpointError(f"checkpoint {path} was trained on data={_data_name(saved.data)} ({saved.data.get('_target_')}), "
                               f"this run's config has data={_data_name(cfg.data)}: pass data={_data_name(saved.data)} "

@@ -11,14 +11,15 @@ with EDM's c_in and c_noise, so f(x, sigma_min) = x holds exactly for any net:
 c_skip = 1 and c_out = 0 there. Training makes f agree on adjacent noise levels
 sigma_n < sigma_{n+1} of the same trajectory:
 
-- mode=distill (CD, Algorithm 2): x_{n+1} = x + sigma_{n+1} z, x_n from one Heun step of the
-  TEACHER's PF-ODE, loss d(f(x_{n+1}, sigma_{n+1}), f^-(x_n, sigma_n)) with lambda = 1 on a fixed
-  Karras grid of N levels; f^- is an EMA (decay mu, 0.95 by default) of the student, or the
-  student itself without gradient when mu = 0 (the paper's CIFAR-10 setting).
-- mode=train (iCT): no teacher; x_n = x + sigma_n z with the SAME z (the one-sample
-  estimate of the teacher's step), N(k) doubling from s0 to s1 over training, pairs
-  drawn with log-normal weight, lambda = 1 / (sigma_{n+1} - sigma_n), pseudo-Huber loss and a
-  stop-gradient target (mu = 0).
+- distillation (CD, Algorithm 2; `consistency_distillation.ConsistencyDistillation`, model=consistency):
+  x_n from one Heun step of a TEACHER's PF-ODE;
+- training (iCT; `consistency_training.ConsistencyTraining`, model=consistency_training): no teacher,
+  x_n = x + sigma_n z with the same z.
+
+This file holds what both share: the parametrization, the target network f^- (an EMA of the student with
+decay mu, or the student without gradient when mu = 0), the distance, the loss
+lambda(sigma_n) d(f(x_{n+1}, sigma_{n+1}), f^-(x_n, sigma_n)) around the two hooks that differ (`pair`:
+which levels; `lower_point`: x_n and lambda), and sampling.
 
 Sampling (sampler=cm, samplers.consistency): f(sigma_max z, sigma_max), and for more steps alternate
 "re-noise to sigma_k, f again" (Algorithm 1). f is not E[x0 | x], so the denoiser samplers are refused.
@@ -31,19 +32,14 @@ import math
 from typing import Callable
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from omegaconf import OmegaConf
 from torch import nn
 
 import samplers
 from difflab.errors import ConfigError
 from lightning_modules.base import DiffusionModule
 from lightning_modules.edm import EDMPrecond
-from lightning_modules.teachers import Teacher, load_teacher
 from samplers import grids
-from samplers.ode import heun_step
 
-MODES = ("distill", "train")
 LOSSES = ("l2", "pseudo_huber")
 HUBER_C = 0.00054  # iCT: c = 0.00054 sqrt(d)
 
@@ -84,20 +80,6 @@ def pseudo_huber(diff: torch.Tensor, c0: float = HUBER_C) -> torch.Tensor:
     return (diff.flatten(1).pow(2).mean(1) + c0**2).sqrt() - c0
 
 
-def ict_num_scales(k: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
-    """iCT's curriculum N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2 floor(s1 / s0) + 1))."""
-    stage = max(math.floor(total_steps / (math.log2(s1 // s0) + 1)), 1)
-    return min(s0 * 2 ** (k // stage), s1) + 1
-
-
-def ict_pair_probs(sigmas: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
-    """p(i) for the pair (sigma_i, sigma_{i+1}) of an ascending grid: the log-normal mass between them, normalized."""
-    log_s = sigmas.double().log()
-    cdf = torch.special.erf((log_s - p_mean) / (math.sqrt(2) * p_std))
-    mass = cdf[1:] - cdf[:-1]
-    return mass / mass.sum()
-
-
 def _has_dropout(net: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in net.modules())
 
@@ -106,10 +88,13 @@ def _has_dropout(net: nn.Module) -> bool:
 
 
 class ConsistencyModel(DiffusionModule):
-    """Consistency distillation (mode=distill, from a teacher checkpoint) or improved consistency training (mode=train)."""
+    """What consistency distillation and consistency training share; a subclass says which pairs of levels
+    are trained (`pair`, `num_scales_at`) and where the lower point of a pair comes from (`lower_point`)."""
 
     provides = samplers.CONSISTENCY
     quick_sampling = {"sampler": "cm", "steps": 1}
+    default_mu: float = 0.0
+    default_loss: str = "pseudo_huber"
 
     def __init__(
         self,
@@ -119,33 +104,20 @@ class ConsistencyModel(DiffusionModule):
         data_shape=(),
         cond_dim=None,
         clip_denoised: bool = False,
-        mode: str = "distill",
-        teacher_ckpt: str | None = None,
-        warm_start: bool = True,
         sigma_data: float = 0.5,
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
         rho: float = 7.0,
-        num_scales: int = 18,
         mu: float | None = None,
         loss: str | None = None,
         huber_c: float = HUBER_C,
-        s0: int = 10,
-        s1: int = 1280,
-        p_mean: float = -1.1,
-        p_std: float = 2.0,
-        total_steps: int | None = None,
         sampler: str = "cm",
         sample_steps: int = 1,
         cm_sigmas=None,
     ):
         super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised)
-        if mode not in MODES:
-            raise ConfigError(f"model.mode must be one of {MODES}, got {mode!r}")
-        loss = loss or ("l2" if mode == "distill" else "pseudo_huber")
-        # CD: 0.95 (the CM paper's ImageNet-64 / LSUN value; its CIFAR-10 run used 0, but on the 2-D toys 0.95 is
-        # far more stable); iCT: 0, a stop-gradient copy (its analysis shows an EMA target biases CT).
-        mu = (0.95 if mode == "distill" else 0.0) if mu is None else mu
+        loss = loss or self.default_loss
+        mu = self.default_mu if mu is None else mu
         if loss == "lpips":
             raise ConfigError(
                 "model.loss=lpips is not available: LPIPS needs pretrained VGG/AlexNet weights, which this project "
@@ -157,24 +129,13 @@ class ConsistencyModel(DiffusionModule):
             raise ValueError(f"need 0 < model.sigma_min < model.sigma_max, got {sigma_min}, {sigma_max}")
         if not 0.0 <= mu < 1.0:
             raise ConfigError(f"model.mu (the target network's EMA decay) must be in [0, 1), got {mu}")
-        if num_scales < 2 or s0 < 1 or s1 < s0:
-            raise ValueError(f"need model.num_scales >= 2 and 1 <= model.s0 <= model.s1, got {num_scales}, {s0}, {s1}")
-        if sigma_data <= 0 or p_std <= 0 or sample_steps < 1:
-            raise ConfigError(f"model.sigma_data, model.p_std and model.sample_steps must be positive, got {sigma_data}, {p_std}, {sample_steps}")
-        if mode == "train" and teacher_ckpt:
-            rank_zero_warn(f"model.mode=train trains without a teacher: model.teacher_ckpt={teacher_ckpt} is ignored")
-        self.mode = mode
-        self.teacher_ckpt = teacher_ckpt
-        self.warm_start = bool(warm_start)
+        if sigma_data <= 0 or sample_steps < 1:
+            raise ConfigError(f"model.sigma_data and model.sample_steps must be positive, got {sigma_data}, {sample_steps}")
         self.sigma_data = float(sigma_data)
         self.rho = float(rho)
-        self.num_scales = int(num_scales)
         self.mu = float(mu)
         self.loss_name = loss
         self.huber_c = float(huber_c)
-        self.s0, self.s1 = int(s0), int(s1)
-        self.p_mean, self.p_std = float(p_mean), float(p_std)
-        self.total_steps = None if total_steps is None else int(total_steps)
         self.sampler = sampler
         self._sample_steps = int(sample_steps)
         self.cm_sigmas = None if cm_sigmas is None else [float(s) for s in cm_sigmas]
@@ -191,7 +152,6 @@ class ConsistencyModel(DiffusionModule):
         if self.mu > 0:
             self.target_net = _frozen_copy(net)
         self._grid_cache: dict = {}
-        self.check_default_sampler()
 
     # --- noise levels -------------------------------------------------------------------------
     def _sync_sigma_range(self) -> None:
@@ -220,14 +180,17 @@ class ConsistencyModel(DiffusionModule):
             self._grid_cache[key] = grids.karras(n, self.sigma_min, self.sigma_max, self.rho).flip(0).to(device)
         return self._grid_cache[key]
 
-    def curriculum_total_steps(self) -> int:
-        return self.training_length("model.mode=train grows N over training")
-
     def num_scales_at(self, step: int) -> int:
-        """N for the current step: fixed in distillation, the iCT curriculum in training."""
-        if self.mode == "distill":
-            return self.num_scales
-        return ict_num_scales(step, self.curriculum_total_steps(), self.s0, self.s1)
+        """N, the number of training levels, at optimizer step `step`."""
+        raise NotImplementedError(f"{type(self).__name__} must say how many levels it trains on")
+
+    def pair(self, batch_size: int, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma_n, sigma_{n+1}) per sample, float64."""
+        raise NotImplementedError(f"{type(self).__name__} must say which pairs of levels it trains on")
+
+    def lower_point(self, x0, x_hi, z, sigma_hi, sigma_lo, cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_n, lambda(sigma_n)): the pair's lower point on x_hi's trajectory and the pair's weight."""
+        raise NotImplementedError(f"{type(self).__name__} must say where a pair's lower point comes from")
 
     # --- networks ------------------------------------------------------------------------------
     def _precond(self, net: nn.Module, slot: str) -> ConsistencyPrecond:
@@ -264,109 +227,7 @@ class ConsistencyModel(DiffusionModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         self.update_target()
 
-    # --- the teacher ---------------------------------------------------------------------------
-    @property
-    def teacher(self) -> Teacher:
-        """The frozen teacher (distillation), loaded from model.teacher_ckpt on first use; never saved with the student."""
-        teacher = self.__dict__.get("_teacher")
-        if teacher is None:
-            if self.mode != "distill":
-                raise ConfigError("model.mode=train uses no teacher")
-            if not self.teacher_ckpt:
-                raise ConfigError(
-                    "model.mode=distill needs a teacher: pass model.teacher_ckpt=PATH (a .ckpt of model=edm, vesde, vpsde "
-                    "or ddpm written by train.py on the same data), or use model.mode=train (consistency training, no teacher)"
-                )
-            self.attach_teacher(load_teacher(self.teacher_ckpt, self.data_shape, self.cond_dim))
-            teacher = self.__dict__["_teacher"]
-        return teacher
-
-    def attach_teacher(self, teacher: Teacher) -> None:
-        """Use `teacher` and narrow [sigma_min, sigma_max] to the levels it was trained on (with a warning)."""
-        lo, hi = self.sigma_min, self.sigma_max
-        new_lo, new_hi = max(lo, teacher.sigma_min), min(hi, teacher.sigma_max)
-        if new_lo >= new_hi:
-            raise ConfigError(f"the teacher covers sigma in [{teacher.sigma_min:.4g}, {teacher.sigma_max:.4g}], which misses "
-                             f"model.sigma_min..sigma_max = [{lo:.4g}, {hi:.4g}]")
-        if (new_lo, new_hi) != (lo, hi):
-            rank_zero_warn(
-                f"the {teacher.kind} teacher was trained on sigma in [{teacher.sigma_min:.4g}, {teacher.sigma_max:.4g}]: "
-                f"the consistency model uses sigma_min={new_lo:.4g}, sigma_max={new_hi:.4g} instead of {lo:.4g}, {hi:.4g}"
-            )
-            self._set_sigma_range(new_lo, new_hi)
-            if self.cm_sigmas is not None:
-                self.cm_sigmas = [min(self.cm_sigmas[0], new_hi), *self.cm_sigmas[1:]]
-            self._check_cm_sigmas()
-        self.__dict__["_teacher"] = teacher
-
-    def _teacher_on(self, device: torch.device) -> Teacher:
-        teacher = self.teacher
-        if teacher.device is not None and teacher.device != device:
-            teacher.to(device)
-        return teacher
-
-    def _warm_start_from(self, teacher: Teacher) -> None:
-        # Only an EDM net sees what the student's net sees (c_in x, c_noise): a DDPM or score-SDE net is fed
-        # x_t and t, so its weights would be a poor start.
-        if teacher.kind != "edm":
-            rank_zero_info(f"warm start skipped: a {teacher.kind} teacher's net is fed x_t and t, not EDM's c_in x and c_noise")
-            return
-        teacher_net = teacher.module.net
-        student_cfg = (self.run_config or {}).get("net")
-        teacher_cfg = (teacher.config or {}).get("net")
-        if student_cfg is not None and teacher_cfg is not None:
-            same = OmegaConf.to_container(OmegaConf.create(student_cfg), resolve=True) == OmegaConf.to_container(OmegaConf.create(teacher_cfg), resolve=True)
-        else:
-            mine, theirs = self.net.state_dict(), teacher_net.state_dict()
-            same = mine.keys() == theirs.keys() and all(mine[k].shape == theirs[k].shape for k in mine)
-        if not same:
-            rank_zero_warn("warm start skipped: the teacher's net settings differ from the student's (net.*); the student starts from scratch")
-            return
-        if float(teacher.module.sigma_data) != self.sigma_data:
-            rank_zero_warn(f"warm start skipped: the teacher's sigma_data={teacher.module.sigma_data} differs from model.sigma_data={self.sigma_data}")
-            return
-        state = teacher_net.state_dict()
-        self.net.load_state_dict(state)
-        if self.target_net is not None:
-            self.target_net.load_state_dict(state)
-        rank_zero_info(f"warm start: the student starts from the teacher's net ({teacher.path})")
-
-    # --- Lightning -----------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        if stage != "fit" or self.mode != "distill":
-            return
-        teacher = self.teacher  # fail before any training time is spent
-        # Lightning restores a checkpoint only after setup (overwriting a warm start anyway); train.py's
-        # config says beforehand whether this run resumes.
-        resuming = bool((self.run_config or {}).get("ckpt_path")) or (self._trainer is not None and self._trainer.ckpt_path is not None)
-        if self.warm_start and not resuming:
-            self._warm_start_from(teacher)
-
-    def on_fit_start(self) -> None:
-        if self.mode == "distill":
-            self._teacher_on(self.device)
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = super().training_step(batch, batch_idx)
-        if self.mode == "train":
-            self.log("train/num_scales", float(self.num_scales_at(self.global_step)), on_step=True, on_epoch=False)
-        return loss
-
     # --- the loss ------------------------------------------------------------------------------
-    def pair(self, batch_size: int, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigma_n, sigma_{n+1}) per sample, float64: uniform n (distill) or iCT's log-normal pair weights (train)."""
-        n_levels = self.num_scales_at(self.global_step)
-        grid = self.train_grid(n_levels, device)
-        if self.mode == "distill":
-            idx = torch.randint(0, n_levels - 1, (batch_size,), device=device, generator=generator)
-        else:
-            key = (n_levels, str(device), "probs")
-            if key not in self._grid_cache:
-                self._grid_cache[key] = ict_pair_probs(grid, self.p_mean, self.p_std)
-            probs = self._grid_cache[key]
-            idx = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
-        return grid[idx], grid[idx + 1]
-
     def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """d(a, b) per sample: mean squared error (l2) or iCT's pseudo-Huber (see `pseudo_huber`)."""
         diff = (a - b).float()
@@ -380,15 +241,7 @@ class ConsistencyModel(DiffusionModule):
         sigma_lo, sigma_hi = self.pair(x0.shape[0], x0.device, generator)
         z = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_hi = x0 + sigma_hi.to(x0.dtype).reshape(shape) * z
-        if self.mode == "distill":
-            teacher = self._teacher_on(x0.device)
-            with torch.no_grad():
-                x_lo = heun_step(lambda x, s: teacher.denoise(x, s, cond), x_hi, sigma_hi, sigma_lo)
-            weight = torch.ones_like(sigma_lo)
-        else:
-            # The teacher-free estimate: x + sigma_n z with the same z lies on the same trajectory in expectation.
-            x_lo = x0 + sigma_lo.to(x0.dtype).reshape(shape) * z
-            weight = 1.0 / (sigma_hi - sigma_lo)
+        x_lo, weight = self.lower_point(x0, x_hi, z, sigma_hi, sigma_lo, cond)
         # With dropout, f and f^- see the same mask (the RNG is replayed), so their gap measures consistency only.
         devices = [x0.device.index or 0] if x0.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=self.has_dropout, device_type="cuda"):

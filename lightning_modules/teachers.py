@@ -26,6 +26,7 @@ _USABLE_TEXT = "use a checkpoint of edm, vesde, vpsde, subvpsde, ddpm, ncsn or f
 _WHY_NOT = {
     "bc_mse": "a regression policy has no denoiser",
     "consistency": "already a one-step model; distill from its own teacher instead",
+    "consistency_training": "already a one-step model, with no denoiser; train a diffusion teacher instead",
 }
 
 
@@ -122,7 +123,8 @@ def method_name(model_cfg: dict) -> str:
         return {"ve": "vesde", "vp": "vpsde", "subvp": "subvpsde"}.get(model_cfg.get("sde", "vp"), "score_sde")
     return {
         "edm.EDM": "edm", "ddpm.DDPM": "ddpm", "ncsn.NCSN": "ncsn", "bc_mse.BCMSE": "bc_mse",
-        "consistency.ConsistencyModel": "consistency", "flow_matching.FlowMatching": "flow_matching",
+        "consistency.ConsistencyModel": "consistency", "consistency_distillation.ConsistencyDistillation": "consistency",
+        "consistency_training.ConsistencyTraining": "consistency_training", "flow_matching.FlowMatching": "flow_matching",
         "scheduled_sampling.ScheduledSamplingDDPM": "scheduled_sampling",
     }.get(".".join(target.split(".")[-2:]), target or "unknown")
 

@@ -398,7 +398,7 @@ assert abs(bpd_exact.mean().item() - bpd_true.mean().item()) < 4 * bpd_exact.dou
 # teacher apart).
 #
 # Teacher: `model=edm` (Karras et al. 2022: VE noise $x_0+\sigma n$, preconditioned denoiser, Heun sampler,
-# 18 steps = 35 NFE). Student: `model=consistency` (mode=distill, N = 18 Karras levels, l2, target EMA
+# 18 steps = 35 NFE). Student: `model=consistency` (distillation, N = 18 Karras levels, l2, target EMA
 # 0.95), warm-started from the teacher's weights. `teacher_from_module` wraps the in-memory EDM as a teacher,
 # which is what `model.teacher_ckpt=<run>/checkpoints/last.ckpt` does from a file.
 
@@ -458,5 +458,5 @@ if not SMALL:  # at the default settings: distillation makes one step count
 # contradiction: the student has trained for the teacher's steps plus its own (it starts from the teacher's
 # weights), and the 2-step sampler re-noises halfway, which can undo part of the one-step map's error.
 # Consistency *training*
-# without a teacher (`model.mode=train`, iCT) is the same module with another target; and the same idea
+# without a teacher (`model=consistency_training`, iCT) shares this base and swaps the lower point of a pair; and the same idea
 # yields a one-step policy in notebook 06.

@@ -220,7 +220,7 @@ pusht_max_steps = steps(300, 40)
 
 
 def score_pusht(policy, datamodule, render_size=96, render_episodes=1):
-    make_env = lambda: datamodule.make_env(render_size=render_size)  # noqa: E731
+    make_env = lambda: policy.make_env(render_size=render_size)  # noqa: E731
     start = time.perf_counter()
     results = run_episodes(policy, make_env, list(range(100000, 100000 + n_pusht_eps)), pusht_max_steps, render_episodes)
     out = summarize(results)

@@ -127,12 +127,12 @@ PAPER = {
         "net.dropout": 0.13, "model.scheduler.warmup_steps": 20_000, "callbacks.ema.decay": 0.99965,
     },
     "cifar10_cd": {  # Song et al. 2023 (CD on CIFAR-10): N = 18, mu = 0, Adam 4e-4, batch 512, 800k; l2 as LPIPS is unavailable
-        "model.mode": "distill", "model.num_scales": 18, "model.mu": 0.0, "model.loss": "l2", "model.sigma_min": 0.002,
+        "model._target_": "lightning_modules.consistency_distillation.ConsistencyDistillation", "model.num_scales": 18, "model.mu": 0.0, "model.loss": "l2", "model.sigma_min": 0.002,
         "model.sigma_max": 80.0, "model.sigma_data": 0.5, "model.rho": 7.0, "model.optimizer.lr": 4e-4, "data.batch_size": 512,
         "trainer.max_steps": 800_000, "callbacks.ema.decay": 0.9999, "model.cm_sigmas": [80.0, 0.661],
     },
     "cifar10_ict": {  # Song & Dhariwal 2023 (iCT): s0 = 10, s1 = 1280, P_mean -1.1, P_std 2.0, pseudo-Huber, dropout 0.3
-        "model.mode": "train", "model.s0": 10, "model.s1": 1280, "model.p_mean": -1.1, "model.p_std": 2.0,
+        "model._target_": "lightning_modules.consistency_training.ConsistencyTraining", "model.s0": 10, "model.s1": 1280, "model.p_mean": -1.1, "model.p_std": 2.0,
         "model.loss": "pseudo_huber", "model.optimizer.lr": 1e-4, "data.batch_size": 1024, "trainer.max_steps": 400_000,
         "net.dropout": 0.3, "callbacks.ema.decay": 0.99993, "model.cm_sigmas": [80.0, 0.821],
     },
@@ -142,7 +142,7 @@ PAPER = {
         "data.n_action_steps": 8, "data.obs_keys": ["keypoint", "agent_pos"], "model.scheduler.warmup_steps": 500,
     },
     "pusht_bc_mse": {"model.optimizer.lr": 1e-4, "model.optimizer.weight_decay": 1e-6, "data.horizon": 16, "data.n_obs_steps": 2},
-    "pusht_consistency": {"model.mode": "distill", "model.sample_steps": 1, "data.horizon": 16, "data.n_obs_steps": 2},
+    "pusht_consistency": {"model._target_": "lightning_modules.consistency_distillation.ConsistencyDistillation", "model.sample_steps": 1, "data.horizon": 16, "data.n_obs_steps": 2},
     "pusht_flow": {  # pusht_ddpm's protocol with the flow-matching objective: same data, net, optimizer, EMA and steps
         "model._target_": "lightning_modules.flow_matching.FlowMatching", "model.time_sampling": "logit_normal",
         "model.sampler": "euler", "model.sample_steps": 10, "model.optimizer._target_": "torch.optim.AdamW",

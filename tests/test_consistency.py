@@ -17,14 +17,9 @@ from torch import nn
 from conftest import ExactDDPMNet, run_cli
 from lightning_modules.analytic import GaussianMixture
 from lightning_modules.checkpoint import build_model
-from lightning_modules.consistency import (
-    ConsistencyModel,
-    ConsistencyPrecond,
-    ict_num_scales,
-    ict_pair_probs,
-    pseudo_huber,
-    pseudo_huber_c,
-)
+from lightning_modules.consistency import ConsistencyPrecond, pseudo_huber, pseudo_huber_c
+from lightning_modules.consistency_distillation import ConsistencyDistillation
+from lightning_modules.consistency_training import ConsistencyTraining, ict_num_scales, ict_pair_probs
 from lightning_modules.ddpm import DDPM
 from lightning_modules.ncsn import NCSN
 from lightning_modules.nets import MLP, UNet
@@ -50,9 +45,8 @@ def small_mlp(dim=2, dropout=0.0):
 
 
 def cm(net=None, **kw):
-    kw.setdefault("mode", "train")
     kw.setdefault("total_steps", 1000)
-    return ConsistencyModel(net or small_mlp(), adam, data_shape=(2,), **kw)
+    return ConsistencyTraining(net or small_mlp(), adam, data_shape=(2,), **kw)
 
 
 def mixture_points(n=64, sigma=0.0, seed=0):
@@ -215,8 +209,8 @@ def test_ncsn_teacher_is_the_exact_denoiser(parametrization):
 
 
 def test_modules_without_a_denoiser_are_refused():
-    assert {"subvpsde", "ncsn"} <= set(USABLE) and not {"consistency", "bc_mse"} & set(USABLE)
-    with pytest.raises(ValueError, match="not a usable teacher.*consistency model.*edm, vesde, vpsde, subvpsde, ddpm, ncsn or flow_matching"):
+    assert {"subvpsde", "ncsn"} <= set(USABLE) and not {"consistency", "consistency_training", "bc_mse"} & set(USABLE)
+    with pytest.raises(ValueError, match="not a usable teacher.*consistency_training model.*edm, vesde, vpsde, subvpsde, ddpm, ncsn or flow_matching"):
         teacher_from_module(cm())
 
 
@@ -299,20 +293,20 @@ def test_distillation_loss_vanishes_for_the_exact_student_with_an_exact_teacher(
     x0 = M + S * torch.randn(4096, 2, dtype=torch.float64)
     losses = {}
     for wrong in (False, True):
-        model = ConsistencyModel(ExactConsistencyNet(0.002, wrong), adam, data_shape=(2,), mode="distill", num_scales=18, mu=0.0)
+        model = ConsistencyDistillation(ExactConsistencyNet(0.002, wrong), adam, data_shape=(2,), num_scales=18, mu=0.0)
         model.attach_teacher(FunctionTeacher(gaussian_denoiser, 0.002, 80.0))
         losses[wrong] = model.loss({"x": x0}, generator=torch.Generator().manual_seed(1)).item()
     # exact: only the Heun step's error is left (the data variance S^2 = 0.16 sets the scale)
     assert losses[False] < 2e-5 and losses[True] > 1.0, losses
     # the same with the target a mu > 0 EMA copy of the (exact) student
-    model = ConsistencyModel(ExactConsistencyNet(0.002), adam, data_shape=(2,), mode="distill", mu=0.95)
+    model = ConsistencyDistillation(ExactConsistencyNet(0.002), adam, data_shape=(2,), mu=0.95)
     model.attach_teacher(FunctionTeacher(gaussian_denoiser, 0.002, 80.0))
     assert model.loss({"x": x0}, generator=torch.Generator().manual_seed(1)).item() < 1e-5
 
 
 def test_distillation_with_an_exact_teacher_trains_the_student_toward_it():
     torch.manual_seed(0)
-    model = ConsistencyModel(small_mlp(), lambda params: torch.optim.Adam(params, lr=3e-3), data_shape=(2,), mode="distill", num_scales=18)
+    model = ConsistencyDistillation(small_mlp(), lambda params: torch.optim.Adam(params, lr=3e-3), data_shape=(2,), num_scales=18)
     model.attach_teacher(FunctionTeacher(gaussian_denoiser, 0.002, 80.0))
     opt = model.configure_optimizers()
     x_eval = M + S * torch.randn(1024, 2)
@@ -328,14 +322,14 @@ def test_distillation_with_an_exact_teacher_trains_the_student_toward_it():
 
 
 def test_teacher_range_narrows_the_students_sigmas_with_a_warning():
-    model = ConsistencyModel(small_mlp(), adam, data_shape=(2,), mode="distill", cm_sigmas=[80.0, 0.821])
+    model = ConsistencyDistillation(small_mlp(), adam, data_shape=(2,), cm_sigmas=[80.0, 0.821])
     with pytest.warns(UserWarning, match="sigma_min=0.01"):
         model.attach_teacher(FunctionTeacher(gaussian_denoiser, 0.01, 50.0))
     assert model.sigma_min == pytest.approx(0.01) and model.sigma_max == 50.0
     assert model.train_grid(18)[0].item() == pytest.approx(0.01) and model.train_grid(18)[-1].item() == 50.0
     assert model.sample_sigmas(2) == [50.0, 0.821] and model.sample_sigmas(1) == [50.0]
     # the narrowed range is part of the state_dict, so a rebuilt module (load_module) samples on it
-    fresh = ConsistencyModel(small_mlp(), adam, data_shape=(2,), mode="distill")
+    fresh = ConsistencyDistillation(small_mlp(), adam, data_shape=(2,))
     fresh.load_state_dict(model.state_dict())
     assert (fresh.sigma_min, fresh.sigma_max) == (model.sigma_min, model.sigma_max)
 
@@ -396,7 +390,7 @@ def test_dropout_masks_are_shared_by_student_and_target():
     torch.manual_seed(0)
     net = small_mlp(dropout=0.5)
     nn.init.normal_(net.fc_out.weight, std=0.5)
-    model = ConsistencyModel(net, adam, data_shape=(2,), mode="distill")
+    model = ConsistencyDistillation(net, adam, data_shape=(2,))
     model.attach_teacher(FunctionTeacher(gaussian_denoiser, 0.002, 80.0))
     assert model.has_dropout and model.net.training
     # A zero-width pair (the Heun step stays put): f and f^- then differ only through dropout.
@@ -411,7 +405,7 @@ def test_dropout_masks_are_shared_by_student_and_target():
 
 
 def test_target_network_is_a_frozen_ema_kept_in_the_state_dict_and_the_teacher_is_not():
-    model = ConsistencyModel(small_mlp(), adam, data_shape=(2,), mode="distill", mu=0.9)
+    model = ConsistencyDistillation(small_mlp(), adam, data_shape=(2,), mu=0.9)
     model.attach_teacher(FunctionTeacher(gaussian_denoiser, 0.002, 80.0))
     keys = model.state_dict().keys()
     assert any(k.startswith("target_net.") for k in keys) and not any("teacher" in k for k in keys)
@@ -426,14 +420,14 @@ def test_target_network_is_a_frozen_ema_kept_in_the_state_dict_and_the_teacher_i
         torch.testing.assert_close(t, 0.9 * o + 0.1 * p)
     assert cm(mu=0.0).target_net is None and "target_net" not in str(list(cm().state_dict()))
     # defaults: an EMA target (0.95) for distillation, a stop-gradient copy for iCT
-    assert ConsistencyModel(small_mlp(), adam, data_shape=(2,), mode="distill").mu == 0.95 and cm().mu == 0.0
+    assert ConsistencyDistillation(small_mlp(), adam, data_shape=(2,)).mu == 0.95 and cm().mu == 0.0
 
 
 def test_lightning_updates_the_target_after_each_optimizer_step(tmp_path):
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    model = ConsistencyModel(small_mlp(), adam, data_shape=(2,), mode="train", mu=0.5)
+    model = ConsistencyTraining(small_mlp(), adam, data_shape=(2,), mu=0.5)
     before = [p.clone() for p in model.target_net.parameters()]
     data = [{"x": x} for x in MIXTURE.sample(64).split(32)]
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -475,7 +469,7 @@ def test_one_and_two_step_sampling_shapes_nfe_and_levels():
     assert f(x_T, torch.full((50,), 80.0)).abs().max() > 1.0  # so the clamp is really exercised
     # a consistency function is not E[x0 | x]: every denoiser sampler of the registry is refused
     for sampler in ("heun", "euler", "ddim", "pc"):
-        with pytest.raises(ValueError, match=f"sampler={sampler} is not defined for ConsistencyModel"):
+        with pytest.raises(ValueError, match=f"sampler={sampler} is not defined for ConsistencyTraining"):
             model.sample(2, sampler=sampler)
     with pytest.raises(ValueError, match="cm_sigmas"):
         cm(cm_sigmas=[0.5, 80.0])
@@ -484,14 +478,14 @@ def test_one_and_two_step_sampling_shapes_nfe_and_levels():
 def test_bad_settings_fail_with_their_names():
     with pytest.raises(ValueError, match="not available"):
         cm(loss="lpips")
-    with pytest.raises(ValueError, match="model.mode"):
-        cm(mode="distil")
-    model = ConsistencyModel(small_mlp(), adam, data_shape=(2,), mode="distill")
+    with pytest.raises(TypeError, match="mode"):  # the two methods are two classes; model.mode is refused by config_checks
+        cm(mode="distill")
+    model = ConsistencyDistillation(small_mlp(), adam, data_shape=(2,))
     with pytest.raises(ValueError, match="teacher_ckpt"):
         model.loss({"x": torch.randn(4, 2)})
     with pytest.raises(ValueError, match="teacher_ckpt"):
         model.setup("fit")
-    no_k = ConsistencyModel(small_mlp(), adam, data_shape=(2,), mode="train")
+    no_k = ConsistencyTraining(small_mlp(), adam, data_shape=(2,))
     with pytest.raises(ValueError, match="total_steps"):
         no_k.loss({"x": torch.randn(4, 2)})
 
@@ -523,7 +517,7 @@ def test_checkpoints_load_as_frozen_teachers_and_warm_start_an_identical_net(tmp
     x = torch.randn(5, 2)
     torch.testing.assert_close(teacher.denoise(x, 0.7), edm.denoise(x, 0.7))
     # the student warm-starts from it (same net config) and keeps it out of its module tree
-    student = build_model(OmegaConf.create({"net": NET_CFG, "model": {"_target_": "lightning_modules.consistency.ConsistencyModel",
+    student = build_model(OmegaConf.create({"net": NET_CFG, "model": {"_target_": "lightning_modules.consistency_distillation.ConsistencyDistillation",
                                                                          "teacher_ckpt": str(tmp_path / "edm.ckpt"), "optimizer": OPT_CFG}}), (2,), None)
     student.run_config = {"net": NET_CFG}
     student.setup("fit")
@@ -565,7 +559,9 @@ def test_ncsn_and_subvp_checkpoints_load_as_teachers(tmp_path, model_cfg, name):
 @pytest.mark.parametrize(
     "model_cfg, name",
     [
-        ({"_target_": "lightning_modules.consistency.ConsistencyModel", "mode": "train"}, "consistency"),
+        ({"_target_": "lightning_modules.consistency.ConsistencyModel", "mode": "train"}, "consistency"),  # before the split
+        ({"_target_": "lightning_modules.consistency_distillation.ConsistencyDistillation"}, "consistency"),
+        ({"_target_": "lightning_modules.consistency_training.ConsistencyTraining"}, "consistency_training"),
         ({"_target_": "lightning_modules.bc_mse.BCMSE"}, "bc_mse"),
     ],
 )
@@ -575,6 +571,37 @@ def test_unusable_checkpoints_are_refused(tmp_path, model_cfg, name):
     torch.save({"difflab": {"config": config, "data_shape": [2], "cond_dim": None, "method": name}, "state_dict": {}}, path)
     with pytest.raises(ValueError, match=f"not a usable teacher: .* is a {name} checkpoint.*use a checkpoint of edm, vesde, vpsde, subvpsde, ddpm, ncsn or flow_matching"):
         load_teacher(path, (2,))
+
+
+@pytest.mark.parametrize("mode, cls", [("train", ConsistencyTraining), ("distill", ConsistencyDistillation)])
+def test_checkpoints_from_before_the_split_load_as_the_class_their_mode_named(tmp_path, mode, cls):
+    """Until the split, both were one class with `mode`; such a checkpoint rebuilds as the right class with the
+    same outputs, and a resume with today's config passes the compatibility check."""
+    from lightning_modules.checkpoint import check_compatible, load_module
+
+    module = cls(MLP((2,), hidden=32, depth=1, emb_dim=16), adam, data_shape=(2,), total_steps=100) if cls is ConsistencyTraining \
+        else cls(MLP((2,), hidden=32, depth=1, emb_dim=16), adam, data_shape=(2,))
+    torch.manual_seed(0)
+    nn.init.normal_(module.net.fc_out.weight)
+    legacy = {"_target_": "lightning_modules.consistency.ConsistencyModel", "mode": mode, "teacher_ckpt": None, "num_scales": 18,
+              "s0": 10, "s1": 1280, "total_steps": 100, "mu": None, "optimizer": OPT_CFG}
+    state = module.state_dict()
+    state["sigma_range"] = state.pop("trained_sigmas")  # the buffer's name then
+    config = {"net": NET_CFG, "model": legacy, "data": {"_target_": "datamodules.toy2d.Toy2DDataModule", "name": "moons"}}
+    torch.save({"difflab": {"config": config, "data_shape": [2], "cond_dim": None, "method": "x"}, "state_dict": state}, tmp_path / "old.ckpt")
+    loaded, ckpt = load_module(tmp_path / "old.ckpt")
+    assert type(loaded) is cls
+    x = torch.randn(5, 2)
+    torch.testing.assert_close(loaded.consistency_fn(x, 1.3), module.consistency_fn(x, 1.3))
+    today = {"_target_": f"lightning_modules.{cls.__module__.split('.')[-1]}.{cls.__name__}", "optimizer": OPT_CFG}
+    check_compatible(ckpt, OmegaConf.create({**config, "model": today}), tmp_path / "old.ckpt")
+
+
+def test_the_removed_mode_setting_names_the_two_methods():
+    from difflab.config_checks import check_config
+
+    with pytest.raises(ValueError, match="model.mode=train is gone.*model=consistency .*model=consistency_training"):
+        check_config(OmegaConf.create({"model": {"_target_": "x", "mode": "train"}}))
 
 
 def test_teachers_for_other_data_or_other_files_are_refused(tmp_path):
@@ -717,7 +744,7 @@ def test_ict_logs_its_curriculum_and_a_teacher_must_overlap_the_students_range(t
                          enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0)
     trainer.fit(model, datamodule=Toy2DDataModule("moons", num_train=256, num_val=64, batch_size=64))
     assert trainer.callback_metrics["train/num_scales"] == model.num_scales_at(1) > model.num_scales_at(0)
-    student = cm(mode="distill", sigma_min=0.002, sigma_max=80.0)
+    student = ConsistencyDistillation(small_mlp(), adam, data_shape=(2,), sigma_min=0.002, sigma_max=80.0)
     with pytest.raises(ValueError, match="which misses"):
         student.attach_teacher(FunctionTeacher(gaussian_denoiser, 80.0, 100.0))  # touches the range at one point only
 
@@ -731,7 +758,7 @@ def test_pseudo_huber_is_its_closed_form_and_the_precond_defaults_to_sigma_data_
     assert ConsistencyPrecond(small_mlp()).sigma_data == 0.5
 
 
-@pytest.mark.parametrize("bad", [dict(sigma_min=0.0), dict(mu=1.5), dict(num_scales=5, s0=0), dict(sigma_data=0.0),
+@pytest.mark.parametrize("bad", [dict(sigma_min=0.0), dict(mu=1.5), dict(s0=0), dict(s0=20, s1=10), dict(p_std=0.0), dict(sigma_data=0.0),
                                  dict(cm_sigmas=[80.0, 10.0, 0.002]), dict(cm_sigmas=[10.0, 10.0, 1.0]),
                                  dict(cm_sigmas=[100.0, 1.0])])
 def test_out_of_range_settings_are_refused(bad):
@@ -741,15 +768,18 @@ def test_out_of_range_settings_are_refused(bad):
 
 def test_settings_on_the_edge_of_their_range_are_accepted():
     cm(s0=1, s1=1, p_std=1.0, cm_sigmas=[80.0 * (1 + 1e-6), 1.0])
+    ConsistencyDistillation(small_mlp(), adam, data_shape=(2,), num_scales=2)
+    with pytest.raises(ValueError, match="num_scales"):
+        ConsistencyDistillation(small_mlp(), adam, data_shape=(2,), num_scales=1)
 
 
-def test_a_teacher_given_to_consistency_training_is_reported_as_ignored():
-    with pytest.warns(UserWarning, match="ignored"):
-        cm(mode="train", teacher_ckpt="teacher.ckpt")
+def test_consistency_training_takes_no_teacher():
+    with pytest.raises(TypeError, match="teacher_ckpt"):
+        cm(teacher_ckpt="teacher.ckpt")
 
 
 def test_distillation_draws_every_adjacent_pair_of_the_grid():
-    model = cm(mode="distill", num_scales=4)
+    model = ConsistencyDistillation(small_mlp(), adam, data_shape=(2,), num_scales=4)
     hi, lo = model.pair(3000, "cpu", torch.Generator().manual_seed(0))
     grid = model.train_grid(4, "cpu")
     assert sorted(set(hi.tolist())) == sorted(grid[:-1].tolist()) and sorted(set(lo.tolist())) == sorted(grid[1:].tolist())

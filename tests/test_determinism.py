@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lightning_modules.bc_mse import BCMSE
-from lightning_modules.consistency import ConsistencyModel
+from lightning_modules.consistency_distillation import ConsistencyDistillation
+from lightning_modules.consistency_training import ConsistencyTraining
 from lightning_modules.ddpm import DDPM
 from lightning_modules.edm import EDM
 from lightning_modules.ncsn import NCSN
@@ -29,7 +30,7 @@ def net(cond_dim=None):
 
 
 def consistency_distill():
-    model = ConsistencyModel(net(), ADAM, data_shape=(2,), mode="distill", num_scales=10, mu=0.5)
+    model = ConsistencyDistillation(net(), ADAM, data_shape=(2,), num_scales=10, mu=0.5)
     model.attach_teacher(FunctionTeacher(lambda x, s, c=None: (x / (1 + s[:, None] ** 2)).to(x.dtype), 0.002, 80.0))
     return model
 
@@ -41,7 +42,7 @@ METHODS = {
     "vpsde": lambda: ScoreSDE(net(), ADAM, data_shape=(2,), sde="vp", sample_steps=25, likelihood_weighting=True),
     "subvpsde": lambda: ScoreSDE(net(), ADAM, data_shape=(2,), sde="subvp", sample_steps=25),
     "edm": lambda: EDM(net(), ADAM, data_shape=(2,), sample_steps=3, s_churn=5.0),
-    "consistency_train": lambda: ConsistencyModel(net(), ADAM, data_shape=(2,), mode="train", total_steps=100),
+    "consistency_train": lambda: ConsistencyTraining(net(), ADAM, data_shape=(2,), total_steps=100),
     "consistency_distill": consistency_distill,
     "scheduled_sampling": lambda: ScheduledSamplingDDPM(net(), ADAM, data_shape=(2,), num_timesteps=20, sample_steps=4,
                                                         max_rollback=2, p_start=1.0, p_end=1.0, total_steps=10),

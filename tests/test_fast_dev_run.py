@@ -31,7 +31,7 @@ CONFIGS = {
     "vpsde": ["data=toy2d", "model=vpsde"],
     "subvpsde": ["data=toy2d", "model=subvpsde"],
     "edm": ["data=toy2d", "model=edm"],
-    "consistency_training": ["data=toy2d", "model=consistency", "model.mode=train"],
+    "consistency_training": ["data=toy2d", "model=consistency_training"],
     "scheduled_sampling": ["data=toy2d", "model=scheduled_sampling"],
     "bc_mse": ["data=obstacle2d", "model=bc_mse"],
     "flow_matching_digits": ["model=flow_matching"],

@@ -21,7 +21,7 @@ from difflab.errors import ConfigError
 from evaluation.sliced_wasserstein import sliced_wasserstein
 from lightning_modules.analytic import GaussianMixture
 from lightning_modules.bc_mse import BCMSE
-from lightning_modules.consistency import ConsistencyModel
+from lightning_modules.consistency_training import ConsistencyTraining
 from lightning_modules.ddpm import DDPM
 from lightning_modules.edm import EDM
 from lightning_modules.flow_matching import FlowMatching
@@ -47,7 +47,7 @@ METHODS = {
     "subvpsde": lambda: ScoreSDE(_net(), OPT, data_shape=(2,), sde="subvp"),
     "edm": lambda: EDM(_net(), OPT, data_shape=(2,)),
     "flow_matching": lambda: FlowMatching(_net(), OPT, data_shape=(2,)),
-    "consistency": lambda: ConsistencyModel(_net(), OPT, data_shape=(2,), mode="train", total_steps=10),
+    "consistency": lambda: ConsistencyTraining(_net(), OPT, data_shape=(2,), total_steps=10),
     "bc_mse": lambda: BCMSE(_net(), OPT, data_shape=(2,), cond_dim=2),
 }
 

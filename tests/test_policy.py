@@ -16,11 +16,11 @@ from envs.obstacle2d import Obstacle2DEnv, ScriptedExpert
 from envs.policy import Policy, load_policy
 from envs.runner import run_episodes, summarize
 from lightning_modules.checkpoint import build_model
+from lightning_modules.teachers import teacher_from_module
 from conftest import CONFIG_DIR, run_cli
 
 # Every registered method (configs/model/*.yaml), so a new method is a policy or this test fails.
 METHODS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
-METHOD_OVERRIDES = {"consistency": ["model.mode=train"]}  # distillation needs a teacher checkpoint
 PUSHT_ZARR = os.environ.get("PUSHT_ZARR")
 needs_pusht = pytest.mark.skipif(not PUSHT_ZARR or not Path(PUSHT_ZARR).exists(), reason="set PUSHT_ZARR to pusht_cchi_v7_replay.zarr")
 
@@ -35,11 +35,14 @@ def compose_policy(overrides, tmp_path):
 
 
 def tiny_obstacle(method, tmp_path):
-    overrides = [f"model={method}", *METHOD_OVERRIDES.get(method, []), "data=obstacle2d", "data.num_episodes=20", "data.batch_size=32"]
-    cfg = compose_policy(overrides, tmp_path)
+    data = ["data=obstacle2d", "data.num_episodes=20", "data.batch_size=32"]
+    cfg = compose_policy([f"model={method}", *data], tmp_path)
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     module = build_model(cfg, datamodule.data_shape, datamodule.cond_dim)
+    if method == "consistency":  # distillation: an (untrained) conditional EDM policy as the teacher
+        teacher = build_model(compose_policy(["model=edm", *data], tmp_path), datamodule.data_shape, datamodule.cond_dim)
+        module.attach_teacher(teacher_from_module(teacher))
     return cfg, datamodule, module
 
 
@@ -51,7 +54,7 @@ def test_every_method_trains_on_trajectories_and_acts(method, tmp_path):
                          enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3
-    steps = {"bc_mse": None, "ddpm": 3, "ncsn": 3, "edm": 3, "consistency": 2}.get(method, 30)  # reverse-diffusion on VP needs beta_max * dt < 1
+    steps = {"bc_mse": None, "ddpm": 3, "ncsn": 3, "edm": 3, "consistency": 2, "consistency_training": 2}.get(method, 30)  # reverse-diffusion on VP needs beta_max * dt < 1
     policy = Policy.from_datamodule(module, datamodule, steps=steps)
     env = Obstacle2DEnv()
     obs = env.reset(seed=0)
@@ -152,10 +155,27 @@ def test_train_obstacle_policy_end_to_end_then_load_and_evaluate(tmp_path):
     assert [c.name.split("_reward")[0] for c in ckpts] == ["best_step0000040"], "chosen by rollout score, which step 20 lacks"
 
     # a checkpoint alone acts: normalizer, keys and horizons come from it
-    policy, datamodule = load_policy(run_dir / "checkpoints" / "last.ckpt", steps=4)
-    assert policy.obs_keys == ["agent_pos"] and policy.horizon == 16 and policy.global_step == 40
-    obs = datamodule.make_env().reset(seed=3)
-    assert policy.act([obs, obs]).shape == (8, 2)
+    ckpt_file = run_dir / "checkpoints" / "last.ckpt"
+    policy, datamodule = load_policy(ckpt_file, steps=4)
+    assert policy.obs_keys == ["agent_pos"] and policy.horizon == 16 and policy.global_step == 40 and policy.task == "obstacle2d"
+    obs = policy.make_env().reset(seed=3)
+    assert isinstance(policy.make_env(), Obstacle2DEnv) and policy.act([obs, obs]).shape == (8, 2)
+    # the policy owns its normalizers: they are the checkpoint's `policy` entry, fit on the training split
+    ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+    assert ckpt["policy"]["task"] == "obstacle2d" and ckpt["policy"]["obs_dims"] == {"agent_pos": 2}
+    torch.testing.assert_close(policy.obs_normalizer.low, torch.as_tensor(ckpt["policy"]["obs_normalizer"]["low"]).float())
+    # a checkpoint from before that entry (normalizers only under the datamodule's class name) acts the same
+    legacy = {k: v for k, v in ckpt.items() if k != "policy"}
+    torch.save(legacy, tmp_path / "legacy.ckpt")
+    old, _ = load_policy(tmp_path / "legacy.ckpt", steps=4, seed=5)
+    new, _ = load_policy(ckpt_file, steps=4, seed=5)
+    np.testing.assert_array_equal(old.act([obs, obs]), new.act([obs, obs]))
+    old_spec, new_spec = old.spec(), new.spec()
+    for key in ("obs_normalizer", "action_normalizer"):
+        a, b = old_spec.pop(key), new_spec.pop(key)
+        torch.testing.assert_close(a["low"], b["low"])
+        torch.testing.assert_close(a["high"], b["high"])
+    assert old_spec == new_spec
 
     out = tmp_path / "eval.json"
     proc = run_cli("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "metric=policy", "num_episodes=3",
@@ -177,7 +197,7 @@ def test_policy_steps_gym_pusht_reproducibly(tmp_path):
     runs = []
     for _ in range(2):
         policy = Policy.from_datamodule(module, datamodule, steps=2, seed=7)
-        runs.append(run_episodes(policy, datamodule.make_env, seeds=[100000, 100001], max_steps=12))
+        runs.append(run_episodes(policy, policy.make_env, seeds=[100000, 100001], max_steps=12))
     for a, b in zip(*runs):
         assert a["length"] == 12 and a["max_reward"] == b["max_reward"] and 0.0 <= a["max_reward"] <= 1.0
     assert runs[0][0]["max_reward"] != runs[0][1]["max_reward"]  # distinct seeds, distinct episodes

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from datamodules.normalizer import MinMaxNormalizer
+from difflab.normalizer import MinMaxNormalizer
 from envs.policy import Policy
 from envs.runner import run_episodes, summarize
 

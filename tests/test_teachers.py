@@ -126,6 +126,8 @@ def test_method_names_for_messages():
     names = {
         "lightning_modules.edm.EDM": "edm", "lightning_modules.ddpm.DDPM": "ddpm", "lightning_modules.ncsn.NCSN": "ncsn",
         "lightning_modules.bc_mse.BCMSE": "bc_mse", "lightning_modules.consistency.ConsistencyModel": "consistency",
+        "lightning_modules.consistency_distillation.ConsistencyDistillation": "consistency",
+        "lightning_modules.consistency_training.ConsistencyTraining": "consistency_training",
     }
     for target, name in names.items():
         assert method_name({"_target_": target}) == name

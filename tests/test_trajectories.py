@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.normalizer import MinMaxNormalizer
+from difflab.normalizer import MinMaxNormalizer
 from datamodules.pusht import PushTDataModule
 from datamodules.replay_buffer import ReplayBuffer, split_episodes, window_indices
 from datamodules.trajectories import TrajectoryDataModule

@@ -1,0 +1,153 @@
+"""Consistency distillation (CD; Song, Dhariwal, Chen & Sutskever 2023, Algorithm 2): model=consistency.
+
+x_{n+1} = x + sigma_{n+1} z and x_n from one Heun step of the TEACHER's probability-flow ODE, on a fixed
+Karras grid of N levels with a uniform pair index and lambda = 1. The teacher is any method with a VE-form
+denoiser (`teachers.py`); an EDM teacher with the student's net also warm-starts the student (the paper
+fine-tunes from the teacher). Default target: an EMA of the student with mu = 0.95 (the CM paper's
+ImageNet-64 / LSUN value; its CIFAR-10 run used 0, which on the 2-D toys is far less stable), default
+distance l2 (LPIPS needs weights this project cannot download).
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from omegaconf import OmegaConf
+
+from difflab.errors import ConfigError
+from lightning_modules.consistency import HUBER_C, ConsistencyModel
+from lightning_modules.teachers import Teacher, load_teacher
+from samplers.ode import heun_step
+
+
+class ConsistencyDistillation(ConsistencyModel):
+    """A consistency model distilled from a teacher checkpoint (model.teacher_ckpt)."""
+
+    default_mu = 0.95
+    default_loss = "l2"
+
+    def __init__(
+        self,
+        net,
+        optimizer,
+        scheduler=None,
+        data_shape=(),
+        cond_dim=None,
+        clip_denoised: bool = False,
+        teacher_ckpt: str | None = None,
+        warm_start: bool = True,
+        num_scales: int = 18,
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        mu: float | None = None,
+        loss: str | None = None,
+        huber_c: float = HUBER_C,
+        sampler: str = "cm",
+        sample_steps: int = 1,
+        cm_sigmas=None,
+    ):
+        super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised, sigma_data, sigma_min, sigma_max,
+                         rho, mu, loss, huber_c, sampler, sample_steps, cm_sigmas)
+        if num_scales < 2:
+            raise ConfigError(f"model.num_scales (the distillation grid's levels) must be >= 2, got {num_scales}")
+        self.teacher_ckpt = teacher_ckpt
+        self.warm_start = bool(warm_start)
+        self.num_scales = int(num_scales)
+        self.check_default_sampler()
+
+    def num_scales_at(self, step: int) -> int:
+        return self.num_scales
+
+    def pair(self, batch_size: int, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adjacent levels of the fixed N-level grid, the pair index uniform."""
+        grid = self.train_grid(self.num_scales, device)
+        idx = torch.randint(0, self.num_scales - 1, (batch_size,), device=device, generator=generator)
+        return grid[idx], grid[idx + 1]
+
+    def lower_point(self, x0, x_hi, z, sigma_hi, sigma_lo, cond):
+        teacher = self._teacher_on(x0.device)
+        with torch.no_grad():
+            x_lo = heun_step(lambda x, s: teacher.denoise(x, s, cond), x_hi, sigma_hi, sigma_lo)
+        return x_lo, torch.ones_like(sigma_lo)
+
+    # --- the teacher ---------------------------------------------------------------------------
+    @property
+    def teacher(self) -> Teacher:
+        """The frozen teacher, loaded from model.teacher_ckpt on first use; never saved with the student."""
+        teacher = self.__dict__.get("_teacher")
+        if teacher is None:
+            if not self.teacher_ckpt:
+                raise ConfigError(
+                    "consistency distillation (model=consistency) needs a teacher: pass model.teacher_ckpt=PATH (a .ckpt of "
+                    "model=edm, vesde, vpsde, subvpsde, ddpm, ncsn or flow_matching written by train.py on the same data), "
+                    "or use model=consistency_training (no teacher)"
+                )
+            self.attach_teacher(load_teacher(self.teacher_ckpt, self.data_shape, self.cond_dim))
+            teacher = self.__dict__["_teacher"]
+        return teacher
+
+    def attach_teacher(self, teacher: Teacher) -> None:
+        """Use `teacher` and narrow [sigma_min, sigma_max] to the levels it was trained on (with a warning)."""
+        lo, hi = self.sigma_min, self.sigma_max
+        new_lo, new_hi = max(lo, teacher.sigma_min), min(hi, teacher.sigma_max)
+        if new_lo >= new_hi:
+            raise ConfigError(f"the teacher covers sigma in [{teacher.sigma_min:.4g}, {teacher.sigma_max:.4g}], which misses "
+                              f"model.sigma_min..sigma_max = [{lo:.4g}, {hi:.4g}]")
+        if (new_lo, new_hi) != (lo, hi):
+            rank_zero_warn(
+                f"the {teacher.kind} teacher was trained on sigma in [{teacher.sigma_min:.4g}, {teacher.sigma_max:.4g}]: "
+                f"the consistency model uses sigma_min={new_lo:.4g}, sigma_max={new_hi:.4g} instead of {lo:.4g}, {hi:.4g}"
+            )
+            self._set_sigma_range(new_lo, new_hi)
+            if self.cm_sigmas is not None:
+                self.cm_sigmas = [min(self.cm_sigmas[0], new_hi), *self.cm_sigmas[1:]]
+            self._check_cm_sigmas()
+        self.__dict__["_teacher"] = teacher
+
+    def _teacher_on(self, device: torch.device) -> Teacher:
+        teacher = self.teacher
+        if teacher.device is not None and teacher.device != device:
+            teacher.to(device)
+        return teacher
+
+    def _warm_start_from(self, teacher: Teacher) -> None:
+        # Only an EDM net sees what the student's net sees (c_in x, c_noise): a DDPM or score-SDE net is fed
+        # x_t and t, so its weights would be a poor start.
+        if teacher.kind != "edm":
+            rank_zero_info(f"warm start skipped: a {teacher.kind} teacher's net is fed x_t and t, not EDM's c_in x and c_noise")
+            return
+        teacher_net = teacher.module.net
+        student_cfg = (self.run_config or {}).get("net")
+        teacher_cfg = (teacher.config or {}).get("net")
+        if student_cfg is not None and teacher_cfg is not None:
+            same = OmegaConf.to_container(OmegaConf.create(student_cfg), resolve=True) == OmegaConf.to_container(OmegaConf.create(teacher_cfg), resolve=True)
+        else:
+            mine, theirs = self.net.state_dict(), teacher_net.state_dict()
+            same = mine.keys() == theirs.keys() and all(mine[k].shape == theirs[k].shape for k in mine)
+        if not same:
+            rank_zero_warn("warm start skipped: the teacher's net settings differ from the student's (net.*); the student starts from scratch")
+            return
+        if float(teacher.module.sigma_data) != self.sigma_data:
+            rank_zero_warn(f"warm start skipped: the teacher's sigma_data={teacher.module.sigma_data} differs from model.sigma_data={self.sigma_data}")
+            return
+        state = teacher_net.state_dict()
+        self.net.load_state_dict(state)
+        if self.target_net is not None:
+            self.target_net.load_state_dict(state)
+        rank_zero_info(f"warm start: the student starts from the teacher's net ({teacher.path})")
+
+    # --- Lightning -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        teacher = self.teacher  # fail before any training time is spent
+        # Lightning restores a checkpoint only after setup (overwriting a warm start anyway); train.py's
+        # config says beforehand whether this run resumes.
+        resuming = bool((self.run_config or {}).get("ckpt_path")) or (self._trainer is not None and self._trainer.ckpt_path is not None)
+        if self.warm_start and not resuming:
+            self._warm_start_from(teacher)
+
+    def on_fit_start(self) -> None:
+        self._teacher_on(self.device)
