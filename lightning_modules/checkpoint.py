@@ -42,7 +42,10 @@ def current_config(cfg: DictConfig) -> DictConfig:
         return cfg
     cfg = copy.deepcopy(cfg)
     target = CONSISTENCY_BY_MODE[cfg.model.get("mode", "distill")]
-    accepted = set(inspect.signature(get_class(target).__init__).parameters) | {"_target_", "_partial_"}
+    accepted = {"_target_", "_partial_"}
+    for cls in get_class(target).__mro__:  # the class's own settings and those it passes on to its base
+        if "__init__" in vars(cls):
+            accepted |= set(inspect.signature(cls.__init__).parameters)
     with open_dict(cfg):
         cfg.model._target_ = target
         for key in [k for k in cfg.model if k not in accepted]:

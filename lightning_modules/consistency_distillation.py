@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import OmegaConf
 
 from difflab.errors import ConfigError
-from lightning_modules.consistency import HUBER_C, ConsistencyModel
+from lightning_modules.consistency import ConsistencyModel
 from lightning_modules.teachers import Teacher, load_teacher
 from samplers.ode import heun_step
 
@@ -37,19 +37,9 @@ class ConsistencyDistillation(ConsistencyModel):
         teacher_ckpt: str | None = None,
         warm_start: bool = True,
         num_scales: int = 18,
-        sigma_data: float = 0.5,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
-        rho: float = 7.0,
-        mu: float | None = None,
-        loss: str | None = None,
-        huber_c: float = HUBER_C,
-        sampler: str = "cm",
-        sample_steps: int = 1,
-        cm_sigmas=None,
+        **shared,  # ConsistencyModel's: sigma_data, sigma_min, sigma_max, rho, mu, loss, huber_c, sampler, sample_steps, cm_sigmas
     ):
-        super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised, sigma_data, sigma_min, sigma_max,
-                         rho, mu, loss, huber_c, sampler, sample_steps, cm_sigmas)
+        super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised, **shared)
         if num_scales < 2:
             raise ConfigError(f"model.num_scales (the distillation grid's levels) must be >= 2, got {num_scales}")
         self.teacher_ckpt = teacher_ckpt

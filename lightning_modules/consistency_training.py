@@ -13,7 +13,7 @@ import math
 import torch
 
 from difflab.errors import ConfigError
-from lightning_modules.consistency import HUBER_C, ConsistencyModel
+from lightning_modules.consistency import ConsistencyModel
 
 
 def ict_num_scales(k: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
@@ -49,19 +49,9 @@ class ConsistencyTraining(ConsistencyModel):
         p_mean: float = -1.1,
         p_std: float = 2.0,
         total_steps: int | None = None,
-        sigma_data: float = 0.5,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
-        rho: float = 7.0,
-        mu: float | None = None,
-        loss: str | None = None,
-        huber_c: float = HUBER_C,
-        sampler: str = "cm",
-        sample_steps: int = 1,
-        cm_sigmas=None,
+        **shared,  # ConsistencyModel's: sigma_data, sigma_min, sigma_max, rho, mu, loss, huber_c, sampler, sample_steps, cm_sigmas
     ):
-        super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised, sigma_data, sigma_min, sigma_max,
-                         rho, mu, loss, huber_c, sampler, sample_steps, cm_sigmas)
+        super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised, **shared)
         if s0 < 1 or s1 < s0:
             raise ConfigError(f"need 1 <= model.s0 <= model.s1 (the curriculum's first and last level counts), got {s0}, {s1}")
         if p_std <= 0:
