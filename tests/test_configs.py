@@ -178,6 +178,22 @@ def test_toy_data_switches_to_the_mlp_unless_the_user_picks_a_net(tmp_path):
     assert compose_train(["data=toy2d", "net=unet_small"], tmp_path).net._target_.endswith("UNet")
 
 
+def test_tuned_defaults_apply_to_their_method_and_dataset_only(tmp_path):
+    """configs/tuned/<model>_<data>.yaml is optional in the defaults list, so a misnamed file would be skipped in
+    silence: every file must name a real pair, and it must change that pair's config and no other."""
+    models = {p.stem for p in (CONFIG_DIR / "model").glob("*.yaml")}
+    datas = {p.stem for p in (CONFIG_DIR / "data").glob("*.yaml")}
+    tuned = sorted(p.stem for p in (CONFIG_DIR / "tuned").glob("*.yaml"))
+    assert "ddpm_digits" in tuned
+    for name in tuned:
+        assert any(name == f"{m}_{d}" for m in models for d in datas), f"configs/tuned/{name}.yaml names no model_data pair"
+    default = compose_train([], tmp_path).model
+    assert (default.sampler, default.sample_steps, default.ddim_spacing) == ("dpmpp_2m", 10, "quadratic")
+    toy = compose_train(["data=toy2d"], tmp_path).model
+    assert (toy.sampler, toy.sample_steps, toy.ddim_spacing) == ("ddim", 50, "uniform")
+    assert compose_train(["experiment=pusht_ddpm"], tmp_path).model.sampler == "ddim"
+
+
 @pytest.mark.slow
 def test_misspelt_key_and_group_fail_at_start_naming_them():
     bad_key = run_cli("train.py", "model.optimizr.lr=1", check=False)
