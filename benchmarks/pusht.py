@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=16000)
     parser.add_argument("--run-dir", default=None)
     parser.add_argument("--samplers", default="ddim:10,ancestral:100", help="comma list of sampler:steps (bc_mse: direct:1)")
+    parser.add_argument("--checkpoints", default="last,best", help="which checkpoints to score: last, best or both")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra train.py overrides")
     args = parser.parse_args()
     run_dir = Path(args.run_dir or ROOT / "benchmarks" / "runs" / args.experiment)
@@ -51,7 +52,9 @@ def main() -> None:
         (run_dir / "train_wall_seconds.txt").write_text(f"{time.perf_counter() - start:.0f}\n")
 
     best = sorted(p for p in (run_dir / "checkpoints").glob("best*.ckpt"))
-    checkpoints = {"last": last, **({"best": best[-1]} if best else {})}
+    wanted = args.checkpoints.split(",")
+    checkpoints = {name: ckpt for name, ckpt in (("last", last), *((("best", best[-1]),) if best else ()))}
+    checkpoints = {name: ckpt for name, ckpt in checkpoints.items() if name in wanted}
     results = {}
     for name, ckpt in checkpoints.items():
         for spec in args.samplers.split(","):

@@ -14,7 +14,13 @@ sigma_n < sigma_{n+1} of the same trajectory:
 - distillation (CD, Algorithm 2; `consistency_distillation.ConsistencyDistillation`, model=consistency):
   x_n from one Heun step of a TEACHER's PF-ODE;
 - training (iCT; `consistency_training.ConsistencyTraining`, model=consistency_training): no teacher,
-  x_n = x + sigma_n z with the same z.
+  x_n = x + sigma_n z with the same z;
+- tuning (ECT; `consistency_tuning.ConsistencyTuning`, model=consistency_tuning): training's pairs, started
+  from a pretrained EDM model, with a gap sigma_{n+1} - sigma_n that shrinks over training.
+
+Options every variant takes: a denoising term beside the consistency loss (dsm_weight; Consistency Policy and
+CTM keep one), and a smaller first noise draw for sampling (init_noise_scale; Consistency Policy's reduced
+initial sample variance).
 
 This file holds what both share: the parametrization, the target network f^- (an EMA of the student with
 decay mu, or the student without gradient when mu = 0), the distance, the loss
@@ -36,6 +42,9 @@ from torch import nn
 
 import samplers
 from difflab.errors import ConfigError
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import OmegaConf
+
 from lightning_modules.base import DiffusionModule
 from lightning_modules.edm import EDMPrecond
 from samplers import grids
@@ -80,6 +89,14 @@ def pseudo_huber(diff: torch.Tensor, c0: float = HUBER_C) -> torch.Tensor:
     return (diff.flatten(1).pow(2).mean(1) + c0**2).sqrt() - c0
 
 
+def ict_pair_probs(sigmas: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
+    """p(i) for the pair (sigma_i, sigma_{i+1}) of an ascending grid: the log-normal mass between them, normalized."""
+    log_s = sigmas.double().log()
+    cdf = torch.special.erf((log_s - p_mean) / (math.sqrt(2) * p_std))
+    mass = cdf[1:] - cdf[:-1]
+    return mass / mass.sum()
+
+
 def _has_dropout(net: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in net.modules())
 
@@ -114,6 +131,8 @@ class ConsistencyModel(DiffusionModule):
         sampler: str = "cm",
         sample_steps: int = 1,
         cm_sigmas=None,
+        dsm_weight: float = 0.0,
+        init_noise_scale: float = 1.0,
     ):
         super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised)
         loss = loss or self.default_loss
@@ -131,9 +150,13 @@ class ConsistencyModel(DiffusionModule):
             raise ConfigError(f"model.mu (the target network's EMA decay) must be in [0, 1), got {mu}")
         if sigma_data <= 0 or sample_steps < 1:
             raise ConfigError(f"model.sigma_data and model.sample_steps must be positive, got {sigma_data}, {sample_steps}")
+        if dsm_weight < 0 or not 0 < init_noise_scale <= 1:
+            raise ConfigError(f"need model.dsm_weight >= 0 and 0 < model.init_noise_scale <= 1, got {dsm_weight}, {init_noise_scale}")
         self.sigma_data = float(sigma_data)
         self.rho = float(rho)
         self.mu = float(mu)
+        self.dsm_weight = float(dsm_weight)
+        self.init_noise_scale = float(init_noise_scale)
         self.loss_name = loss
         self.huber_c = float(huber_c)
         self.sampler = sampler
@@ -180,9 +203,19 @@ class ConsistencyModel(DiffusionModule):
             self._grid_cache[key] = grids.karras(n, self.sigma_min, self.sigma_max, self.rho).flip(0).to(device)
         return self._grid_cache[key]
 
-    def num_scales_at(self, step: int) -> int:
-        """N, the number of training levels, at optimizer step `step`."""
-        raise NotImplementedError(f"{type(self).__name__} must say how many levels it trains on")
+    def grid_pair(self, n: int, batch_size: int, device, generator=None, p_mean: float | None = None,
+                  p_std: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adjacent levels of the n-level training grid: the pair index uniform, or (p_mean given) drawn with
+        iCT's log-normal mass between the two levels."""
+        grid = self.train_grid(n, device)
+        if p_mean is None:
+            idx = torch.randint(0, n - 1, (batch_size,), device=device, generator=generator)
+        else:
+            key = (n, str(device), "probs", p_mean, p_std)
+            if key not in self._grid_cache:
+                self._grid_cache[key] = ict_pair_probs(grid, p_mean, p_std)
+            idx = torch.multinomial(self._grid_cache[key], batch_size, replacement=True, generator=generator)
+        return grid[idx], grid[idx + 1]
 
     def pair(self, batch_size: int, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigma_n, sigma_{n+1}) per sample, float64."""
@@ -227,6 +260,40 @@ class ConsistencyModel(DiffusionModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         self.update_target()
 
+    # --- starting from a trained diffusion model ---------------------------------------------------
+    def resuming(self) -> bool:
+        # Lightning restores a checkpoint only after setup (overwriting a warm start anyway); train.py's config
+        # says beforehand whether this run resumes.
+        return bool((self.run_config or {}).get("ckpt_path")) or (self._trainer is not None and self._trainer.ckpt_path is not None)
+
+    def warm_start_refusal(self, source) -> str | None:
+        """Why the student cannot start from `source`'s net (a Teacher of teachers.py), or None."""
+        # Only an EDM net sees what the student's net sees (c_in x, c_noise): a DDPM or score-SDE net is fed
+        # x_t and t, so its weights would be a poor start.
+        if source.kind != "edm":
+            return f"a {source.kind} model's net is fed x_t and t, not EDM's c_in x and c_noise"
+        student_cfg = (self.run_config or {}).get("net")
+        source_cfg = (source.config or {}).get("net")
+        if student_cfg is not None and source_cfg is not None:
+            as_dict = lambda c: OmegaConf.to_container(OmegaConf.create(c), resolve=True)  # noqa: E731
+            same = as_dict(student_cfg) == as_dict(source_cfg)
+        else:
+            mine, theirs = self.net.state_dict(), source.module.net.state_dict()
+            same = mine.keys() == theirs.keys() and all(mine[k].shape == theirs[k].shape for k in mine)
+        if not same:
+            return "its net settings differ from the student's (net.*)"
+        if float(source.module.sigma_data) != self.sigma_data:
+            return f"its sigma_data={source.module.sigma_data} differs from model.sigma_data={self.sigma_data}"
+        return None
+
+    def warm_start_from(self, source) -> None:
+        """Copy `source`'s net into the student (and its target); the caller has checked warm_start_refusal."""
+        state = source.module.net.state_dict()
+        self.net.load_state_dict(state)
+        if self.target_net is not None:
+            self.target_net.load_state_dict(state)
+        rank_zero_info(f"warm start: the student starts from the net of {source.path}")
+
     # --- the loss ------------------------------------------------------------------------------
     def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """d(a, b) per sample: mean squared error (l2) or iCT's pseudo-Huber (see `pseudo_huber`)."""
@@ -247,7 +314,12 @@ class ConsistencyModel(DiffusionModule):
         with torch.random.fork_rng(devices=devices, enabled=self.has_dropout, device_type="cuda"):
             student = self.consistency_fn(x_hi, sigma_hi, cond)
         target = self.target_fn(x_lo, sigma_lo, cond)
-        return (weight.to(student.dtype) * self.distance(student, target)).mean()
+        loss = (weight.to(student.dtype) * self.distance(student, target)).mean()
+        if self.dsm_weight > 0:
+            # Denoising score matching on the same output (Consistency Policy / CTM keep such a term): it pulls f
+            # toward E[x0 | x], which is the trajectory's end only as sigma -> 0, so it is a regulariser to weigh.
+            loss = loss + self.dsm_weight * self.distance(student, x0).mean()
+        return loss
 
     # --- sampling ------------------------------------------------------------------------------
     def sample_sigmas(self, steps: int | None = None) -> list[float]:
@@ -264,6 +336,11 @@ class ConsistencyModel(DiffusionModule):
         if steps == 1:
             return [self.sigma_max]
         return grids.karras(steps + 1, self.sigma_min, self.sigma_max, self.rho)[:-1].tolist()
+
+    def prior_std(self, sigma: float) -> float:
+        """The first draw's std: sigma_max, shrunk by model.init_noise_scale (Consistency Policy's reduced initial
+        sample variance: the draw lands nearer the data's typical set of the trained levels)."""
+        return self.init_noise_scale * sigma
 
     @property
     def sample_steps(self) -> int:

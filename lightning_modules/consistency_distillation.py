@@ -6,18 +6,25 @@ denoiser (`teachers.py`); an EDM teacher with the student's net also warm-starts
 fine-tunes from the teacher). Default target: an EMA of the student with mu = 0.95 (the CM paper's
 ImageNet-64 / LSUN value; its CIFAR-10 run used 0, which on the 2-D toys is far less stable), default
 distance l2 (LPIPS needs weights this project cannot download).
+
+iCT's choices are options here too (issue 19 measures them): pairs=lognormal (pairs drawn with the log-normal
+mass between their levels), weighting=ict (lambda = 1 / (sigma_{n+1} - sigma_n)), loss=pseudo_huber, and a
+finer grid (num_scales 40-80).
 """
 
 from __future__ import annotations
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from omegaconf import OmegaConf
 
 from difflab.errors import ConfigError
 from lightning_modules.consistency import ConsistencyModel
 from lightning_modules.teachers import Teacher, load_teacher
 from samplers.ode import heun_step
+
+
+PAIRS = ("uniform", "lognormal")
+WEIGHTINGS = ("uniform", "ict")
 
 
 class ConsistencyDistillation(ConsistencyModel):
@@ -37,6 +44,10 @@ class ConsistencyDistillation(ConsistencyModel):
         teacher_ckpt: str | None = None,
         warm_start: bool = True,
         num_scales: int = 18,
+        pairs: str = "uniform",
+        weighting: str = "uniform",
+        p_mean: float = -1.1,
+        p_std: float = 2.0,
         **shared,  # ConsistencyModel's: sigma_data, sigma_min, sigma_max, rho, mu, loss, huber_c, sampler, sample_steps, cm_sigmas
     ):
         super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised, **shared)
@@ -44,23 +55,26 @@ class ConsistencyDistillation(ConsistencyModel):
             raise ConfigError(f"model.num_scales (the distillation grid's levels) must be >= 2, got {num_scales}")
         self.teacher_ckpt = teacher_ckpt
         self.warm_start = bool(warm_start)
+        if pairs not in PAIRS or weighting not in WEIGHTINGS:
+            raise ConfigError(f"model.pairs must be one of {PAIRS} and model.weighting one of {WEIGHTINGS}, got {pairs!r}, {weighting!r}")
+        if p_std <= 0:
+            raise ConfigError(f"model.p_std must be positive, got {p_std}")
         self.num_scales = int(num_scales)
+        self.pairs, self.weighting = pairs, weighting
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
         self.check_default_sampler()
 
-    def num_scales_at(self, step: int) -> int:
-        return self.num_scales
-
     def pair(self, batch_size: int, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adjacent levels of the fixed N-level grid, the pair index uniform."""
-        grid = self.train_grid(self.num_scales, device)
-        idx = torch.randint(0, self.num_scales - 1, (batch_size,), device=device, generator=generator)
-        return grid[idx], grid[idx + 1]
+        """Adjacent levels of the fixed N-level grid: the pair index uniform (the CM paper) or log-normal (iCT)."""
+        p_mean = self.p_mean if self.pairs == "lognormal" else None
+        return self.grid_pair(self.num_scales, batch_size, device, generator, p_mean, self.p_std)
 
     def lower_point(self, x0, x_hi, z, sigma_hi, sigma_lo, cond):
         teacher = self._teacher_on(x0.device)
         with torch.no_grad():
             x_lo = heun_step(lambda x, s: teacher.denoise(x, s, cond), x_hi, sigma_hi, sigma_lo)
-        return x_lo, torch.ones_like(sigma_lo)
+        weight = 1.0 / (sigma_hi - sigma_lo) if self.weighting == "ict" else torch.ones_like(sigma_lo)
+        return x_lo, weight
 
     # --- the teacher ---------------------------------------------------------------------------
     @property
@@ -102,42 +116,19 @@ class ConsistencyDistillation(ConsistencyModel):
             teacher.to(device)
         return teacher
 
-    def _warm_start_from(self, teacher: Teacher) -> None:
-        # Only an EDM net sees what the student's net sees (c_in x, c_noise): a DDPM or score-SDE net is fed
-        # x_t and t, so its weights would be a poor start.
-        if teacher.kind != "edm":
-            rank_zero_info(f"warm start skipped: a {teacher.kind} teacher's net is fed x_t and t, not EDM's c_in x and c_noise")
-            return
-        teacher_net = teacher.module.net
-        student_cfg = (self.run_config or {}).get("net")
-        teacher_cfg = (teacher.config or {}).get("net")
-        if student_cfg is not None and teacher_cfg is not None:
-            same = OmegaConf.to_container(OmegaConf.create(student_cfg), resolve=True) == OmegaConf.to_container(OmegaConf.create(teacher_cfg), resolve=True)
-        else:
-            mine, theirs = self.net.state_dict(), teacher_net.state_dict()
-            same = mine.keys() == theirs.keys() and all(mine[k].shape == theirs[k].shape for k in mine)
-        if not same:
-            rank_zero_warn("warm start skipped: the teacher's net settings differ from the student's (net.*); the student starts from scratch")
-            return
-        if float(teacher.module.sigma_data) != self.sigma_data:
-            rank_zero_warn(f"warm start skipped: the teacher's sigma_data={teacher.module.sigma_data} differs from model.sigma_data={self.sigma_data}")
-            return
-        state = teacher_net.state_dict()
-        self.net.load_state_dict(state)
-        if self.target_net is not None:
-            self.target_net.load_state_dict(state)
-        rank_zero_info(f"warm start: the student starts from the teacher's net ({teacher.path})")
-
     # --- Lightning -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
         teacher = self.teacher  # fail before any training time is spent
-        # Lightning restores a checkpoint only after setup (overwriting a warm start anyway); train.py's
-        # config says beforehand whether this run resumes.
-        resuming = bool((self.run_config or {}).get("ckpt_path")) or (self._trainer is not None and self._trainer.ckpt_path is not None)
-        if self.warm_start and not resuming:
-            self._warm_start_from(teacher)
+        if self.warm_start and not self.resuming():
+            why = self.warm_start_refusal(teacher)
+            if why is None:
+                self.warm_start_from(teacher)
+            elif teacher.kind == "edm":
+                rank_zero_warn(f"warm start skipped: the teacher's {why.removeprefix('its ')}; the student starts from scratch")
+            else:
+                rank_zero_info(f"warm start skipped: {why}")
 
     def on_fit_start(self) -> None:
         self._teacher_on(self.device)

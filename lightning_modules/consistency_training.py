@@ -13,21 +13,13 @@ import math
 import torch
 
 from difflab.errors import ConfigError
-from lightning_modules.consistency import ConsistencyModel
+from lightning_modules.consistency import ConsistencyModel, ict_pair_probs  # noqa: F401 (ict_pair_probs: its old home)
 
 
 def ict_num_scales(k: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
     """iCT's curriculum N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2 floor(s1 / s0) + 1))."""
     stage = max(math.floor(total_steps / (math.log2(s1 // s0) + 1)), 1)
     return min(s0 * 2 ** (k // stage), s1) + 1
-
-
-def ict_pair_probs(sigmas: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
-    """p(i) for the pair (sigma_i, sigma_{i+1}) of an ascending grid: the log-normal mass between them, normalized."""
-    log_s = sigmas.double().log()
-    cdf = torch.special.erf((log_s - p_mean) / (math.sqrt(2) * p_std))
-    mass = cdf[1:] - cdf[:-1]
-    return mass / mass.sum()
 
 
 class ConsistencyTraining(ConsistencyModel):
@@ -69,20 +61,19 @@ class ConsistencyTraining(ConsistencyModel):
 
     def pair(self, batch_size: int, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Adjacent levels of the current N(k)-level grid, drawn with iCT's log-normal pair weights."""
-        n_levels = self.num_scales_at(self.global_step)
-        grid = self.train_grid(n_levels, device)
-        key = (n_levels, str(device), "probs")
-        if key not in self._grid_cache:
-            self._grid_cache[key] = ict_pair_probs(grid, self.p_mean, self.p_std)
-        idx = torch.multinomial(self._grid_cache[key], batch_size, replacement=True, generator=generator)
-        return grid[idx], grid[idx + 1]
+        return self.grid_pair(self.num_scales_at(self.global_step), batch_size, device, generator, self.p_mean, self.p_std)
 
     def lower_point(self, x0, x_hi, z, sigma_hi, sigma_lo, cond):
         # The teacher-free estimate: x + sigma_n z with the same z lies on the same trajectory in expectation.
         shape = (-1, *([1] * (x0.dim() - 1)))
         return x0 + sigma_lo.to(x0.dtype).reshape(shape) * z, 1.0 / (sigma_hi - sigma_lo)
 
+    def schedule_logs(self) -> dict[str, float]:
+        """What the curriculum is at now, logged every step."""
+        return {"train/num_scales": float(self.num_scales_at(self.global_step))}
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
-        self.log("train/num_scales", float(self.num_scales_at(self.global_step)), on_step=True, on_epoch=False)
+        for name, value in self.schedule_logs().items():
+            self.log(name, value, on_step=True, on_epoch=False)
         return loss

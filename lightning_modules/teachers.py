@@ -27,6 +27,7 @@ _WHY_NOT = {
     "bc_mse": "a regression policy has no denoiser",
     "consistency": "already a one-step model; distill from its own teacher instead",
     "consistency_training": "already a one-step model, with no denoiser; train a diffusion teacher instead",
+    "consistency_tuning": "already a one-step model, with no denoiser; use the model it was tuned from",
 }
 
 
@@ -124,7 +125,8 @@ def method_name(model_cfg: dict) -> str:
     return {
         "edm.EDM": "edm", "ddpm.DDPM": "ddpm", "ncsn.NCSN": "ncsn", "bc_mse.BCMSE": "bc_mse",
         "consistency.ConsistencyModel": "consistency", "consistency_distillation.ConsistencyDistillation": "consistency",
-        "consistency_training.ConsistencyTraining": "consistency_training", "flow_matching.FlowMatching": "flow_matching",
+        "consistency_training.ConsistencyTraining": "consistency_training",
+        "consistency_tuning.ConsistencyTuning": "consistency_tuning", "flow_matching.FlowMatching": "flow_matching",
         "scheduled_sampling.ScheduledSamplingDDPM": "scheduled_sampling",
     }.get(".".join(target.split(".")[-2:]), target or "unknown")
 

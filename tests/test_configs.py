@@ -143,6 +143,17 @@ PAPER = {
     },
     "pusht_bc_mse": {"model.optimizer.lr": 1e-4, "model.optimizer.weight_decay": 1e-6, "data.horizon": 16, "data.n_obs_steps": 2},
     "pusht_consistency": {"model._target_": "lightning_modules.consistency_distillation.ConsistencyDistillation", "model.sample_steps": 1, "data.horizon": 16, "data.n_obs_steps": 2},
+    "pusht_edm": {  # pusht_ddpm's protocol with EDM's preconditioning (the consistency policies' teacher): Heun-10 = 19 NFE
+        "model._target_": "lightning_modules.edm.EDM", "model.sampler": "heun", "model.sample_steps": 10,
+        "model.optimizer._target_": "torch.optim.AdamW", "model.optimizer.lr": 1e-4, "model.optimizer.weight_decay": 1e-6,
+        "model.scheduler.warmup_steps": 500, "data.horizon": 16, "data.n_obs_steps": 2, "data.n_action_steps": 8,
+        "trainer.max_steps": 10000, "callbacks.ema.decay": 0.9999,
+    },
+    "pusht_ect": {  # ECT (Geng et al. 2024) from pusht_edm: lr 1e-4, one step, 8 stages of q = 2
+        "model._target_": "lightning_modules.consistency_tuning.ConsistencyTuning", "model.sample_steps": 1,
+        "model.optimizer.lr": 1e-4, "model.q": 2.0, "model.num_stages": 8, "model.loss": None, "data.horizon": 16,
+        "data.n_obs_steps": 2,
+    },
     "pusht_flow": {  # pusht_ddpm's protocol with the flow-matching objective: same data, net, optimizer, EMA and steps
         "model._target_": "lightning_modules.flow_matching.FlowMatching", "model.time_sampling": "logit_normal",
         "model.sampler": "euler", "model.sample_steps": 10, "model.optimizer._target_": "torch.optim.AdamW",
@@ -151,7 +162,7 @@ PAPER = {
     },
 }
 NET_PARAMS = {"cifar10_ddpm": (35.5e6, 35.9e6), "cifar10_vesde": (58.5e6, 58.9e6), "pusht_ddpm": (4.4e6, 4.7e6),
-              "pusht_flow": (4.4e6, 4.7e6)}
+              "pusht_flow": (4.4e6, 4.7e6), "pusht_edm": (4.4e6, 4.7e6), "pusht_ect": (4.4e6, 4.7e6)}
 
 
 def test_every_experiment_has_its_paper_settings_pinned():

@@ -643,6 +643,14 @@ def test_train_edm_teacher_distill_and_sample_one_step(tmp_path):
 
     saved = np.load(tmp_path / "samples" / "samples.npz")
     assert saved["samples"].shape == (16, 2) and int(saved["nfe"]) == 1
+    # the same teacher tuned into a consistency model (ECT): warm start, one step, its schedule logged
+    tuned_dir = tmp_path / "tuned"
+    out = run_cli("train.py", "model=consistency_tuning", f"model.init_ckpt={teacher_dir / 'checkpoints' / 'last.ckpt'}",
+                  f"hydra.run.dir={tuned_dir}", "trainer.log_every_n_steps=5", *tiny)
+    assert "warm start" in out.stdout + out.stderr and "(cm, 1 NFE)" in out.stdout
+    assert json.loads((tuned_dir / "final" / "metrics.json").read_text())["nfe"] == 1
+    (metrics_csv,) = tuned_dir.rglob("metrics.csv")
+    assert "train/ect_stage" in metrics_csv.read_text().splitlines()[0]
 
 
 # --- the iCT loss, term by term -------------------------------------------------------------------------
