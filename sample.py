@@ -19,7 +19,7 @@ from difflab.config_checks import check_config, check_known_keys
 from difflab.errors import ConfigError
 from lightning_modules.checkpoint import instantiate_datamodule, load_module, sampling_options, sampling_tag
 
-SAMPLE_HINT = "Sampler settings for this call are sampler=, steps=, eta=, ddim_spacing=, eps_scale=, time_shift_window=. "
+SAMPLE_HINT = "Sampler settings for this call are sampler=, steps=, eta=, ddim_spacing=, eps_scale=, time_shift_window=, init_noise_scale=. "
 
 
 def policy_error(path) -> ConfigError:

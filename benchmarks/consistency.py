@@ -70,14 +70,15 @@ def train(run_dir: Path, overrides: list[str]) -> Path:
 def evaluate(run_dir: Path, sampler: str, steps: int, policy: bool, extra: list[str] = ()) -> dict[str, dict]:
     """{label: result} for the run's last checkpoint: one 2000-sample figure, or the two policy seed sets."""
     ckpt = f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
+    tag = "".join(f"_{o.replace('=', '-')}" for o in extra)
     if not policy:
-        out = run_dir / "eval" / f"{sampler}{steps}.json"
+        out = run_dir / "eval" / f"{sampler}{steps}{tag}.json"
         if not out.exists():
             run(["evaluate.py", ckpt, f"sampler={sampler}", f"steps={steps}", "num_samples=2000", f"out={out}", "progress=false", *extra])
         return {"": json.loads(out.read_text())}
     results = {}
     for label, first_seed, n in POLICY_SEEDS:
-        out = run_dir / "eval" / f"last_{sampler}{steps}_{label}.json"  # benchmarks/pusht.py's names: shared
+        out = run_dir / "eval" / f"last_{sampler}{steps}{tag}_{label}.json"  # benchmarks/pusht.py's names: shared
         if not out.exists():
             run(["evaluate.py", ckpt, "metric=policy", f"num_episodes={n}", f"first_seed={first_seed}", f"sampler={sampler}",
                  f"steps={steps}", f"out={out}", "progress=false", *extra])
@@ -96,6 +97,8 @@ def main() -> None:
     parser.add_argument("--data", choices=sorted(SETTINGS), default="toy2d")
     parser.add_argument("--stages", default="cd,ct", help=f"comma list of {', '.join(STAGES)}")
     parser.add_argument("--student-steps", default="1,2", help="comma list of consistency sampling steps to score")
+    parser.add_argument("--init-noise-scales", default="", help="comma list of init_noise_scale < 1 to score each student "
+                        "with at 1 step too (Consistency Policy's reduced initial variance), e.g. 0.5,0.8")
     args = parser.parse_args()
     unknown = set(args.stages.split(",")) - set(STAGES)
     if unknown:
@@ -129,6 +132,8 @@ def main() -> None:
         student = train(RUNS / f"cm_{args.data}_{stage}", [*overrides, *common, f"trainer.max_steps={steps}"])
         for n in (int(s) for s in args.student_steps.split(",")):
             add(f"{label}, {n} step{'s' if n > 1 else ''}", evaluate(student, "cm", n, policy))
+        for scale in filter(None, args.init_noise_scales.split(",")):
+            add(f"{label}, 1 step, init noise x{scale}", evaluate(student, "cm", 1, policy, [f"init_noise_scale={scale}"]))
     (RUNS / f"cm_{args.data}.json").write_text(json.dumps(rows, indent=2))
     for name, r in rows.items():
         if policy:

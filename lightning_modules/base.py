@@ -85,6 +85,10 @@ class DiffusionModule(pl.LightningModule):
         is unit noise in scaled coordinates (a VP x_T ~ N(0, I) is x_T / sqrt(abar) in VE form)."""
         return sigma
 
+    def first_draw_std(self, sigma: float, options: dict) -> float:
+        """The std sample() draws the first state with: the prior's, unless a sampling option shrinks it."""
+        return self.prior_std(sigma)
+
     def to_ve(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """A state in the method's own coordinates at level sigma, in the VE form (identity for VE methods)."""
         return x
@@ -185,7 +189,7 @@ class DiffusionModule(pl.LightningModule):
         spec = samplers.get(sampler)
         first = float(sigmas[0])
         if x_T is None:
-            x = self.prior_std(first) * self.prior_noise(num_samples, generator)
+            x = self.first_draw_std(first, opts) * self.prior_noise(num_samples, generator)
         else:
             x = self.to_ve(x_T, first)
         denoiser = samplers.Counted(self.sampling_denoiser(cond, sampler, opts))

@@ -15,7 +15,7 @@ from lightning_modules.base import DiffusionModule
 
 
 # DDPM-family sampling options that sample.py and evaluate.py take on the command line (null: the model's own)
-SAMPLING_OPTIONS = ("eta", "eps_scale", "time_shift_window", "ddim_spacing")
+SAMPLING_OPTIONS = ("eta", "eps_scale", "time_shift_window", "ddim_spacing", "init_noise_scale")
 
 
 def sampling_options(cfg: DictConfig) -> dict:

@@ -337,10 +337,13 @@ class ConsistencyModel(DiffusionModule):
             return [self.sigma_max]
         return grids.karras(steps + 1, self.sigma_min, self.sigma_max, self.rho)[:-1].tolist()
 
-    def prior_std(self, sigma: float) -> float:
-        """The first draw's std: sigma_max, shrunk by model.init_noise_scale (Consistency Policy's reduced initial
-        sample variance: the draw lands nearer the data's typical set of the trained levels)."""
-        return self.init_noise_scale * sigma
+    def first_draw_std(self, sigma: float, options: dict) -> float:
+        """sigma_max shrunk by init_noise_scale (model.init_noise_scale, or the call's): Consistency Policy's
+        reduced initial sample variance, which lands the draw nearer the data's typical set."""
+        scale = float(options.get("init_noise_scale", self.init_noise_scale))
+        if not 0 < scale <= 1:
+            raise ConfigError(f"init_noise_scale must be in (0, 1], got {scale}")
+        return scale * sigma
 
     @property
     def sample_steps(self) -> int:
@@ -357,8 +360,10 @@ class ConsistencyModel(DiffusionModule):
     def grid(self, sampler: str, steps: int, options: dict | None = None) -> torch.Tensor:
         return torch.tensor(self.sample_sigmas(steps), dtype=torch.float64)
 
+    method_options = {"cm": ("init_noise_scale",)}
+
     def sampling_defaults(self, sampler: str) -> dict:
-        return {"sigma_min": self.sigma_min}
+        return {"sigma_min": self.sigma_min, "init_noise_scale": self.init_noise_scale}
 
 
 def _rename_old_buffer(state_dict, prefix, *args) -> None:

@@ -211,6 +211,19 @@ def test_init_noise_scale_shrinks_the_first_draw(scale):
     x = model.sample(50_000, generator=torch.Generator().manual_seed(0)).double()
     r = math.sqrt(S**2 + 0.002**2) / math.sqrt(S**2 + 80.0**2)
     assert_gaussian(x, M * (1 - r), r * scale * 80.0)
+    # the same as a per-call sampling option (evaluate.py / sample.py init_noise_scale=) of a model built at 1
+    default = cm(ExactConsistencyNet(0.002), mu=0.0)
+    assert torch.equal(default.sample(500, generator=torch.Generator().manual_seed(1), init_noise_scale=scale),
+                       model.sample(500, generator=torch.Generator().manual_seed(1)))
+
+
+def test_init_noise_scale_is_an_option_of_consistency_sampling_only():
+    with pytest.raises(ConfigError, match=r"init_noise_scale must be in \(0, 1\]"):
+        cm(ExactConsistencyNet(0.002), mu=0.0).sample(4, init_noise_scale=2.0)
+    from lightning_modules.edm import EDM
+
+    with pytest.raises(ConfigError, match="init_noise_scale= is not an option"):
+        EDM(small_mlp(), adam, data_shape=(2,)).sample(4, sampler="heun", steps=2, init_noise_scale=0.5)
 
 
 @pytest.mark.parametrize(
