@@ -41,6 +41,8 @@ class DiffusionModule(pl.LightningModule):
     fixed_grid: tuple[str, ...] = ()
     # The cheapest valid setting, for trainer.fast_dev_run (a config check, not a figure).
     quick_sampling: dict = {}
+    # True: the method builds its own net from model.* (build_model passes net=None and ignores net.*).
+    owns_net: bool = False
 
     def __init__(
         self,

@@ -57,6 +57,10 @@ def build_model(cfg: DictConfig, data_shape, cond_dim) -> DiffusionModule:
     """The net from cfg.net and the method from cfg.model, both sized by the datamodule."""
     cfg = current_config(cfg)
     data_shape = tuple(int(d) for d in data_shape)
+    # A method whose architecture is part of it (an LSTM with a mixture head, BET's GPT with bin heads) builds its own
+    # net from model.*; the net group does not apply to it.
+    if getattr(get_class(cfg.model._target_), "owns_net", False):
+        return instantiate(cfg.model, net=None, data_shape=data_shape, cond_dim=cond_dim)
     net = instantiate(cfg.net, data_shape=data_shape, cond_dim=cond_dim)
     return instantiate(cfg.model, net=net, data_shape=data_shape, cond_dim=cond_dim)
 
