@@ -36,6 +36,7 @@ class TrajectoryDataModule(ArrayDataModule):
         n_action_steps: int = 8,
         val_fraction: float = 0.05,
         split_seed: int = 0,
+        max_train_episodes: int | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -53,6 +54,9 @@ class TrajectoryDataModule(ArrayDataModule):
             )
         self.n_obs_steps, self.horizon, self.n_action_steps = n_obs_steps, horizon, n_action_steps
         self.val_fraction, self.split_seed = val_fraction, split_seed
+        if max_train_episodes is not None and int(max_train_episodes) < 1:
+            raise ConfigError(f"data.max_train_episodes must be a positive number of episodes (or null: all), got {max_train_episodes}")
+        self.max_train_episodes = None if max_train_episodes is None else int(max_train_episodes)
         self.obs_dim = sum(self.env_obs_dims[k] for k in self.obs_keys)
         self.data_shape = (horizon, self.action_dim)
         self.cond_dim = n_obs_steps * self.obs_dim
@@ -73,6 +77,11 @@ class TrajectoryDataModule(ArrayDataModule):
         if self._buffer is None:
             self._buffer = self.load_buffer()
             train, val = split_episodes(self._buffer.num_episodes, self.val_fraction, self.split_seed)
+            if self.max_train_episodes is not None and len(train) > self.max_train_episodes:
+                # Diffusion Policy's max_train_episodes: a seeded subset of the training episodes, the
+                # validation episodes untouched (the paper trained Push-T on 90 of its 206).
+                keep = np.random.default_rng(self.split_seed).choice(len(train), self.max_train_episodes, replace=False)
+                train = np.sort(train[keep])
             self._episodes = {"train": train, "val": val}
         return self._buffer
 

@@ -112,6 +112,29 @@ def test_trajectory_batches_align_history_with_the_chunk():
     assert len(dm._episodes["val"]) == 1 and dm._episodes["val"][0] not in train
 
 
+def test_max_train_episodes_keeps_a_seeded_subset_of_the_training_episodes_only():
+    full = CountingTask(n_obs_steps=2, horizon=8, n_action_steps=4, val_fraction=0.25)
+    full.setup()
+    assert len(full._episodes["train"]) == 3
+    few = CountingTask(n_obs_steps=2, horizon=8, n_action_steps=4, val_fraction=0.25, max_train_episodes=2)
+    few.setup()
+    train, val = few._episodes["train"], few._episodes["val"]
+    assert len(train) == 2 and set(train) < set(full._episodes["train"]) and np.array_equal(val, full._episodes["val"])
+    again = CountingTask(n_obs_steps=2, horizon=8, n_action_steps=4, val_fraction=0.25, max_train_episodes=2)
+    again.setup()
+    assert np.array_equal(again._episodes["train"], train)
+    # the batches come from those episodes only (obs entry 1 is 10 * episode id), and so do the normalizers
+    episodes = set((few.obs_normalizer.unnormalize(few.dataset("train")[:]["cond"].reshape(-1, 2, 2))[:, 0, 1] / 10).round().int().tolist())
+    assert episodes == set(train.tolist())
+    assert few.obs_normalizer.high[1] == 10.0 * train.max()
+    # more than there are: all of them
+    many = CountingTask(n_obs_steps=2, horizon=8, n_action_steps=4, val_fraction=0.25, max_train_episodes=50)
+    many.setup()
+    assert np.array_equal(many._episodes["train"], full._episodes["train"])
+    with pytest.raises(ValueError, match="data.max_train_episodes"):
+        CountingTask(max_train_episodes=0)
+
+
 def test_trajectory_state_survives_a_weights_only_checkpoint(tmp_path):
     dm = CountingTask(n_obs_steps=2, horizon=8, n_action_steps=4)
     dm.setup()

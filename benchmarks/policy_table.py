@@ -1,0 +1,155 @@
+"""The Diffusion Policy paper's comparison table on our harness: every policy method, trained on the same demos and
+scored with the same runner (issue 20).
+
+    PUSHT_ZARR=... python benchmarks/policy_table.py                          # Push-T, CPU widths, 1 seed
+    python benchmarks/policy_table.py --data obstacle2d                       # the two-route task, with the route split
+    python benchmarks/policy_table.py --max-train-episodes 90 --seeds 0,1,2   # the paper's data size and seeds
+    python benchmarks/policy_table.py --paper-widths                          # the paper's nets (a GPU's job)
+
+Protocol (the paper's): during training the EMA policy is rolled out every --eval-every steps on the reported seeds
+(Push-T 100000..100049, 300 steps; obstacle2d 100000..100049), and the row gives the max and the mean of the last 10
+of those evaluations (mean max-reward), averaged over training seeds. Beside it: the last checkpoint on a 200-seed
+set (200000..200199) with its success rate, NFE and latency per chunk at batch 1 (run with OMP_NUM_THREADS=1 for one
+thread), and the training budget (steps, wall seconds on this machine).
+
+Every run writes into benchmarks/runs/table_<data>[_e<episodes>][_paper]/<method>_s<seed>/ and is skipped when its
+final/metrics.json exists (a stopped run resumes from last.ckpt); every evaluation is skipped when its JSON exists.
+The table goes to benchmarks/runs/table_<data>...json and is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "benchmarks" / "runs"
+
+# method: (label, train.py overrides on Push-T, on obstacle2d, the paper's widths (Push-T), published max / mean)
+METHODS = {
+    "dp_c": ("Diffusion Policy, CNN (DDIM-10)", ["experiment=pusht_ddpm"], ["model=ddpm"],
+             ["net=unet1d_paper"], (0.95, 0.91)),
+    "dp_t": ("Diffusion Policy, transformer (DDIM-10)", ["experiment=pusht_ddpm_transformer"],
+             ["model=ddpm", "net=transformer1d_small"], ["net=transformer1d"], (0.95, 0.79)),
+    "bet": ("BET", ["experiment=pusht_bet"], ["model=bet", "data.horizon=3", "data.n_obs_steps=3", "data.n_action_steps=1"],
+            [], (0.79, 0.70)),
+    "lstm_gmm": ("LSTM-GMM", ["experiment=pusht_lstm_gmm"],
+                 ["model=lstm_gmm", "data.horizon=10", "data.n_obs_steps=10", "data.n_action_steps=1"], [], (0.67, 0.61)),
+    "vae": ("VAE policy (CVAE, chunks)", ["experiment=pusht_vae"], ["model=vae_policy"], [], None),
+    "bc_mse": ("MSE regression (BC)", ["experiment=pusht_bc_mse"], ["model=bc_mse"], [], None),
+}
+SEED_SETS = {"paper_50": (100000, 50), "wide_200": (200000, 200)}
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
+
+
+def rollout_history(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, rollout/mean_max_reward) of every training-time evaluation, from the TensorBoard events (a resumed
+    run logs again from its checkpoint's step: the last value per step wins)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    by_step: dict[int, float] = {}
+    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if "rollout/mean_max_reward" in acc.Tags().get("scalars", []):
+            by_step.update({e.step: e.value for e in acc.Scalars("rollout/mean_max_reward")})
+    return sorted(by_step.items())
+
+
+def train(run_dir: Path, overrides: list[str]) -> float:
+    """Train (or resume) the run; its wall seconds over all pieces."""
+    wall = run_dir / "train_wall_seconds.txt"
+    if not (run_dir / "final" / "metrics.json").exists():
+        last = run_dir / "checkpoints" / "last.ckpt"
+        start = time.perf_counter()
+        run(["train.py", *overrides, f"hydra.run.dir={run_dir}", "logger=tensorboard",
+             *([f"ckpt_path={last}"] if last.exists() else [])])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(wall, "a") as f:  # one line per (resumed) piece
+            f.write(f"{time.perf_counter() - start:.0f}\n")
+    return sum(float(s) for s in wall.read_text().split()) if wall.exists() else float("nan")
+
+
+def evaluate(run_dir: Path, label: str) -> dict:
+    first_seed, n = SEED_SETS[label]
+    out = run_dir / "eval" / f"table_last_{label}.json"
+    if not out.exists():
+        run(["evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "metric=policy", f"num_episodes={n}",
+             f"first_seed={first_seed}", f"out={out}", "progress=false"])
+    return json.loads(out.read_text())
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=("pusht", "obstacle2d"), default="pusht")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    parser.add_argument("--seeds", default="0", help="comma list of training seeds (the paper: 3)")
+    parser.add_argument("--max-steps", type=int, default=None, help="training steps per run (default: Push-T 8000, obstacle2d 4000)")
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between training-time evaluations (default max-steps / 10)")
+    parser.add_argument("--max-train-episodes", type=int, default=None, help="train on this many demonstration episodes (the paper: 90)")
+    parser.add_argument("--paper-widths", action="store_true", help="the paper's nets (unet1d_paper, transformer1d): for a GPU")
+    parser.add_argument("--overrides", nargs="*", default=[], help="extra train.py overrides for every run")
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}: use {', '.join(METHODS)}")
+    policy_seeds = [int(s) for s in args.seeds.split(",")]
+    pusht = args.data == "pusht"
+    max_steps = args.max_steps or (8000 if pusht else 4000)
+    every = args.eval_every or max(max_steps // 10, 1)
+    first, n = SEED_SETS["paper_50"]
+    common = [f"trainer.max_steps={max_steps}", f"trainer.val_check_interval={every}", "callbacks.rollout.every_n_val=1",
+              f"callbacks.rollout.seed={first}", f"callbacks.rollout.num_episodes={n}", "final_eval.num_episodes=50",
+              *([f"data.max_train_episodes={args.max_train_episodes}"] if args.max_train_episodes else []), *args.overrides]
+    if not pusht:
+        common = ["data=obstacle2d", *common]
+    name = f"table_{args.data}{f'_e{args.max_train_episodes}' if args.max_train_episodes else ''}{'_paper' if args.paper_widths else ''}"
+    rows = {}
+    for method in methods:
+        label, on_pusht, on_obstacle, paper, published = METHODS[method]
+        overrides = [*(on_pusht if pusht else on_obstacle), *(paper if args.paper_widths and pusht else []), *common]
+        per_seed = []
+        for seed in policy_seeds:
+            run_dir = RUNS / name / f"{method}_s{seed}"
+            wall = train(run_dir, [*overrides, f"seed={seed}"])
+            history = [v for _, v in rollout_history(run_dir)]
+            wide = evaluate(run_dir, "wide_200")
+            per_seed.append({"max": max(history) if history else float("nan"), "mean_last10": mean(history[-10:]),
+                             "evaluations": len(history), "wide_200_reward": wide["mean_max_reward"],
+                             "wide_200_success": wide["success_rate"], "nfe": wide["nfe"],
+                             "latency_per_chunk_s": wide["latency_per_chunk_s"], "train_wall_s": wall,
+                             **{k: wide[k] for k in ("route_left", "route_right") if k in wide}})
+        rows[method] = {
+            "label": label, "seeds": policy_seeds, "max_steps": max_steps, "eval_every": every,
+            "train_episodes": args.max_train_episodes or "all", "published_max_mean": published,
+            **{k: mean([s[k] for s in per_seed]) for k in ("max", "mean_last10", "wide_200_reward", "wide_200_success",
+                                                          "latency_per_chunk_s", "train_wall_s")},
+            "nfe": per_seed[0]["nfe"], "per_seed": per_seed,
+            **{k: mean([s[k] for s in per_seed]) for k in ("route_left", "route_right") if k in per_seed[0]},
+        }
+    out = RUNS / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2))
+    print(f"{'method':42s} {'max':>6s} {'last10':>6s} {'200 seeds':>9s} {'success':>7s} {'NFE':>4s} {'ms/chunk':>8s} {'train s':>8s}  paper")
+    for r in rows.values():
+        paper = "/".join(f"{v:.2f}" for v in r["published_max_mean"]) if r["published_max_mean"] else "-"
+        print(f"{r['label']:42s} {r['max']:6.3f} {r['mean_last10']:6.3f} {r['wide_200_reward']:9.3f} {r['wide_200_success']:7.2f} "
+              f"{r['nfe']:>4} {r['latency_per_chunk_s'] * 1000:8.1f} {r['train_wall_s']:8.0f}  {paper}"
+              + (f"  routes L/R {r['route_left']:.2f}/{r['route_right']:.2f}" if "route_left" in r else ""))
+
+
+if __name__ == "__main__":
+    main()
