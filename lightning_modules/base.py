@@ -324,8 +324,19 @@ class DiffusionModule(pl.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["x"].shape[0])
         return loss
 
+    def optimizer_params(self):
+        """What the optimizer gets: every parameter, or the net's own groups (net.optim_groups(), e.g. weight decay
+        on weight matrices only) with the module's other parameters added to the first group."""
+        split = getattr(self.net, "optim_groups", None)
+        if split is None:
+            return self.parameters()
+        groups = split()
+        grouped = {id(p) for g in groups for p in g["params"]}
+        groups[0]["params"] = [*groups[0]["params"], *(p for p in self.parameters() if id(p) not in grouped)]
+        return groups
+
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = self.optimizer_factory(params=self.optimizer_params())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)

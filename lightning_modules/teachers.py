@@ -25,6 +25,9 @@ USABLE = ("edm", "vesde", "vpsde", "subvpsde", "ddpm", "scheduled_sampling", "nc
 _USABLE_TEXT = "use a checkpoint of edm, vesde, vpsde, subvpsde, ddpm, ncsn or flow_matching"
 _WHY_NOT = {
     "bc_mse": "a regression policy has no denoiser",
+    "lstm_gmm": "a mixture-density policy has no denoiser",
+    "bet": "a bin-and-offset policy has no denoiser",
+    "vae_policy": "a VAE policy has no denoiser",
     "consistency": "already a one-step model; distill from its own teacher instead",
     "consistency_training": "already a one-step model, with no denoiser; train a diffusion teacher instead",
     "consistency_tuning": "already a one-step model, with no denoiser; use the model it was tuned from",
@@ -124,6 +127,7 @@ def method_name(model_cfg: dict) -> str:
         return {"ve": "vesde", "vp": "vpsde", "subvp": "subvpsde"}.get(model_cfg.get("sde", "vp"), "score_sde")
     return {
         "edm.EDM": "edm", "ddpm.DDPM": "ddpm", "ncsn.NCSN": "ncsn", "bc_mse.BCMSE": "bc_mse",
+        "lstm_gmm.LSTMGMM": "lstm_gmm", "bet.BET": "bet", "vae_policy.VAEPolicy": "vae_policy",
         "consistency.ConsistencyModel": "consistency", "consistency_distillation.ConsistencyDistillation": "consistency",
         "consistency_training.ConsistencyTraining": "consistency_training",
         "consistency_tuning.ConsistencyTuning": "consistency_tuning", "flow_matching.FlowMatching": "flow_matching",

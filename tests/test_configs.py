@@ -7,11 +7,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import instantiate, get_class
 from omegaconf import open_dict
 
 from conftest import CONFIG_DIR, run_cli
 from lightning_modules.checkpoint import build_model
+from test_policy import METHOD_DATA  # the data settings a method needs beyond a data config's defaults
 
 
 def options(group: str) -> list[str]:
@@ -32,7 +33,7 @@ def build(cfg, meta: bool = False):
     """The datamodule and the method; meta=True builds the net's parameters on the meta device (shapes only, no
     memory or init time: the experiment nets are 4.6M-71M parameters each)."""
     datamodule = instantiate(cfg.data)
-    if not meta:
+    if not meta or getattr(get_class(cfg.model._target_), "owns_net", False):  # a method's own net is small
         return datamodule, build_model(cfg, datamodule.data_shape, datamodule.cond_dim)
     shape = tuple(int(d) for d in datamodule.data_shape)
     with torch.device("meta"):
@@ -55,11 +56,16 @@ def test_every_data_config_builds_a_datamodule_and_model(data, tmp_path):
 @pytest.mark.parametrize("model", options("model"))
 def test_every_model_and_net_config_instantiates(model, net, tmp_path):
     # A net sized for larger images is built on data of its size (the default digits are 8x8).
-    data = {"unet_celeba64": ["data=celeba"], "unet1d_small": ["data=pusht"], "unet1d_paper": ["data=pusht"], "unet1d_tiny": ["data=pusht"]}.get(net, [])
-    if model == "bc_mse":
+    data = {"unet_celeba64": ["data=celeba"], "unet1d_small": ["data=pusht"], "unet1d_paper": ["data=pusht"], "unet1d_tiny": ["data=pusht"],
+            "transformer1d": ["data=pusht"], "transformer1d_small": ["data=pusht"]}.get(net, [])
+    if model in ("bc_mse", "vae_policy"):  # methods that need trajectory data
         if net.startswith("unet_"):
-            pytest.skip("bc_mse regresses action chunks (trajectory data); image UNets need images")
+            pytest.skip(f"{model} models action chunks (trajectory data); image UNets need images")
         data = ["data=obstacle2d"]
+    if model in METHOD_DATA:  # these build their own net from model.* (owns_net)
+        if net != "mlp":
+            pytest.skip(f"{model} builds its own net: net= does not apply (checked once, with net=mlp)")
+        data = ["data=obstacle2d", *METHOD_DATA[model]]
     cfg = compose_train([f"model={model}", f"net={net}", *data], tmp_path)
     _, module = build(cfg, meta=True)
     optim = module.configure_optimizers()
@@ -154,6 +160,26 @@ PAPER = {
         "model.optimizer.lr": 1e-4, "model.q": 2.0, "model.num_stages": 8, "model.loss": None, "data.horizon": 16,
         "data.n_obs_steps": 2,
     },
+    "pusht_ddpm_transformer": {  # DP-T, state-based: pusht_ddpm's DDPM on the transformer, AdamW 1e-4 / 0.1, betas (0.9, 0.95), warm-up 1000
+        "model._target_": "lightning_modules.ddpm.DDPM", "net._target_": "lightning_modules.nets.transformer1d.TransformerForDiffusion1D",
+        "model.num_timesteps": 100, "model.schedule": "cosine", "model.prediction": "eps", "model.optimizer.lr": 1e-4,
+        "model.optimizer.weight_decay": 0.1, "model.optimizer.betas": [0.9, 0.95], "model.scheduler.warmup_steps": 1000,
+        "data.horizon": 16, "data.n_obs_steps": 2, "data.n_action_steps": 8, "net.causal_attn": True,
+    },
+    "pusht_lstm_gmm": {  # robomimic BC-RNN-GMM as Diffusion Policy ran it: LSTM 2 x 400, 5 modes, Adam 1e-4, batch 256, horizon 10, 1 action
+        "model._target_": "lightning_modules.lstm_gmm.LSTMGMM", "model.hidden": 400, "model.num_layers": 2, "model.num_modes": 5,
+        "model.min_std": 1e-4, "model.low_noise_eval": True, "model.optimizer._target_": "torch.optim.Adam", "model.optimizer.lr": 1e-4,
+        "data.horizon": 10, "data.n_action_steps": 1, "data.batch_size": 256,
+    },
+    "pusht_bet": {  # BET as Diffusion Policy ran it: 24 bins, minGPT 4 x 4 x 72, dropout 0.1, focal gamma 2, window 3, AdamW 1e-4 / 0.1
+        "model._target_": "lightning_modules.bet.BET", "model.n_bins": 24, "model.n_layer": 4, "model.n_head": 4, "model.n_embd": 72,
+        "model.dropout": 0.1, "model.focal_gamma": 2.0, "model.optimizer.lr": 1e-4, "model.optimizer.weight_decay": 0.1,
+        "data.horizon": 3, "data.n_obs_steps": 3, "data.n_action_steps": 1,
+    },
+    "pusht_vae": {  # an ACT-style CVAE on pusht_ddpm's data: z ~ N(0, I) of 32 dims, AdamW 1e-4 / 1e-4 (ACT's)
+        "model._target_": "lightning_modules.vae_policy.VAEPolicy", "model.latent_dim": 32, "model.optimizer.lr": 1e-4,
+        "model.optimizer.weight_decay": 1e-4, "data.horizon": 16, "data.n_obs_steps": 2, "data.n_action_steps": 8,
+    },
     "pusht_flow": {  # pusht_ddpm's protocol with the flow-matching objective: same data, net, optimizer, EMA and steps
         "model._target_": "lightning_modules.flow_matching.FlowMatching", "model.time_sampling": "logit_normal",
         "model.sampler": "euler", "model.sample_steps": 10, "model.optimizer._target_": "torch.optim.AdamW",
@@ -162,7 +188,8 @@ PAPER = {
     },
 }
 NET_PARAMS = {"cifar10_ddpm": (35.5e6, 35.9e6), "cifar10_vesde": (58.5e6, 58.9e6), "pusht_ddpm": (4.4e6, 4.7e6),
-              "pusht_flow": (4.4e6, 4.7e6), "pusht_edm": (4.4e6, 4.7e6), "pusht_ect": (4.4e6, 4.7e6)}
+              "pusht_flow": (4.4e6, 4.7e6), "pusht_edm": (4.4e6, 4.7e6), "pusht_ect": (4.4e6, 4.7e6),
+              "pusht_ddpm_transformer": (1.1e6, 1.3e6), "pusht_lstm_gmm": (1.8e6, 2.0e6)}
 
 
 def test_every_experiment_has_its_paper_settings_pinned():

@@ -34,8 +34,13 @@ def compose_policy(overrides, tmp_path):
     return cfg
 
 
+# Data settings a method needs beyond obstacle2d's defaults (a sequence model reads one observation per chunk step).
+METHOD_DATA = {"lstm_gmm": ["data.horizon=8", "data.n_obs_steps=8", "data.n_action_steps=1"],
+               "bet": ["data.horizon=3", "data.n_obs_steps=3", "data.n_action_steps=1"]}
+
+
 def tiny_obstacle(method, tmp_path):
-    data = ["data=obstacle2d", "data.num_episodes=20", "data.batch_size=32"]
+    data = ["data=obstacle2d", "data.num_episodes=20", "data.batch_size=32", *METHOD_DATA.get(method, [])]
     cfg = compose_policy([f"model={method}", *data], tmp_path)
     datamodule = instantiate(cfg.data)
     datamodule.setup()
@@ -43,6 +48,13 @@ def tiny_obstacle(method, tmp_path):
     if method == "consistency":  # distillation: an (untrained) conditional EDM policy as the teacher
         teacher = build_model(compose_policy(["model=edm", *data], tmp_path), datamodule.data_shape, datamodule.cond_dim)
         module.attach_teacher(teacher_from_module(teacher))
+    if method == "consistency_tuning":  # tuning starts from a (here untrained) conditional EDM policy's checkpoint
+        edm_cfg = compose_policy(["model=edm", *data], tmp_path)
+        edm = build_model(edm_cfg, datamodule.data_shape, datamodule.cond_dim)
+        meta = {"config": OmegaConf.to_container(edm_cfg, resolve=True), "data_shape": list(datamodule.data_shape),
+                "cond_dim": datamodule.cond_dim, "method": "edm"}
+        torch.save({"difflab": meta, "state_dict": edm.state_dict()}, tmp_path / "edm.ckpt")
+        module.init_ckpt = str(tmp_path / "edm.ckpt")
     return cfg, datamodule, module
 
 
@@ -54,13 +66,14 @@ def test_every_method_trains_on_trajectories_and_acts(method, tmp_path):
                          enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3
-    steps = {"bc_mse": None, "ddpm": 3, "ncsn": 3, "edm": 3, "consistency": 2, "consistency_training": 2}.get(method, 30)  # reverse-diffusion on VP needs beta_max * dt < 1
+    steps = {"bc_mse": None, "ddpm": 3, "ncsn": 3, "edm": 3, "consistency": 2, "consistency_training": 2}.get(method, None if module.sampler == "direct" else 30)  # reverse-diffusion on VP needs beta_max * dt < 1
     policy = Policy.from_datamodule(module, datamodule, steps=steps)
     env = Obstacle2DEnv()
     obs = env.reset(seed=0)
-    actions = policy.act([obs, obs])
+    history = [obs] * datamodule.n_obs_steps
+    actions = policy.act(history)
     assert actions.shape == (datamodule.n_action_steps, 2) and np.isfinite(actions).all()
-    batch = policy.act(np.stack([policy.stack([obs, obs])] * 3))
+    batch = policy.act(np.stack([policy.stack(history)] * 3))
     assert batch.shape == (3, datamodule.n_action_steps, 2)
     if module.clip_denoised:
         # clipped in normalized space: the actions stay inside the demonstrations' range
