@@ -180,22 +180,8 @@ class BET(DirectModule):
         kmeans_iters: int = 50,
     ):
         super().__init__(None, optimizer, scheduler, data_shape, cond_dim, clip_denoised)
-        if len(self.data_shape) != 2:
-            raise ConfigError(f"model=bet models action chunks (horizon, action_dim), got data shape {self.data_shape}: "
-                              "use trajectory data (data=obstacle2d or data=pusht)")
-        horizon, action_dim = self.data_shape
-        if n_obs_steps is None:
-            raise ConfigError("model.n_obs_steps is not set: use model.n_obs_steps=${data.n_obs_steps} (the default)")
-        n_obs_steps = int(n_obs_steps)
-        if horizon != n_obs_steps:
-            raise ConfigError(
-                f"model=bet reads one observation token per chunk step, so it needs data.horizon == data.n_obs_steps "
-                f"(got data.horizon={horizon}, data.n_obs_steps={n_obs_steps}): e.g. data.horizon=3 data.n_obs_steps=3 "
-                "data.n_action_steps=1 (Diffusion Policy's BET window)"
-            )
-        if cond_dim % n_obs_steps:
-            raise ConfigError(f"model.n_obs_steps={n_obs_steps} does not divide cond_dim={cond_dim}: "
-                              "keep model.n_obs_steps=${data.n_obs_steps}")
+        n_obs_steps, obs_dim, action_dim = self.check_sequence_window(
+            n_obs_steps, "data.horizon=3 data.n_obs_steps=3 data.n_action_steps=1 (Diffusion Policy's BET window)")
         for key, value in (("n_bins", n_bins), ("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd),
                            ("kmeans_iters", kmeans_iters)):
             if int(value) != value or int(value) < 1:
@@ -210,7 +196,7 @@ class BET(DirectModule):
             raise ConfigError(f"model.offset_loss_scale must be >= 0, got {offset_loss_scale}")
         if not temperature > 0:
             raise ConfigError(f"model.temperature must be > 0 (1: the learned bin probabilities), got {temperature}")
-        self.n_obs_steps, self.obs_dim, self.action_dim = n_obs_steps, cond_dim // n_obs_steps, action_dim
+        self.n_obs_steps, self.obs_dim, self.action_dim = n_obs_steps, obs_dim, action_dim
         self.n_bins, self.focal_gamma = int(n_bins), float(focal_gamma)
         self.offset_loss_scale, self.temperature = float(offset_loss_scale), float(temperature)
         self.kmeans_seed, self.kmeans_iters = int(kmeans_seed), int(kmeans_iters)

@@ -28,6 +28,26 @@ class DirectModule(DiffusionModule):
     def config_name(self) -> str:
         return type(self).__module__.rsplit(".", 1)[-1]
 
+    def check_sequence_window(self, n_obs_steps: int | None, example: str) -> tuple[int, int, int]:
+        """For a sequence model that reads one observation per chunk step (lstm_gmm, bet): (n_obs_steps, obs_dim,
+        action_dim), after checking that the chunk and the observation window line up."""
+        name = self.config_name
+        if len(self.data_shape) != 2:
+            raise ConfigError(f"model={name} models action chunks (horizon, action_dim), got data shape {self.data_shape}: "
+                              "use trajectory data (data=obstacle2d or data=pusht)")
+        horizon, action_dim = self.data_shape
+        if n_obs_steps is None:
+            raise ConfigError("model.n_obs_steps is not set: use model.n_obs_steps=${data.n_obs_steps} (the default)")
+        n_obs_steps = int(n_obs_steps)
+        if horizon != n_obs_steps:
+            raise ConfigError(
+                f"model={name} reads one observation per chunk step, so it needs data.horizon == data.n_obs_steps "
+                f"(got data.horizon={horizon}, data.n_obs_steps={n_obs_steps}): e.g. {example}")
+        if self.cond_dim % n_obs_steps:
+            raise ConfigError(f"model.n_obs_steps={n_obs_steps} does not divide cond_dim={self.cond_dim}: "
+                              "keep model.n_obs_steps=${data.n_obs_steps}")
+        return n_obs_steps, self.cond_dim // n_obs_steps, action_dim
+
     def draw(self, cond: torch.Tensor, num_samples: int, generator: torch.Generator | None) -> torch.Tensor:
         """(num_samples, *data_shape) chunks for the (already checked) cond rows, in normalized units."""
         raise NotImplementedError

@@ -83,28 +83,14 @@ class LSTMGMM(DirectModule):
         low_noise_eval: bool = True,
     ):
         super().__init__(None, optimizer, scheduler, data_shape, cond_dim, clip_denoised)
-        if len(self.data_shape) != 2:
-            raise ConfigError(f"model=lstm_gmm models action chunks (horizon, action_dim), got data shape {self.data_shape}: "
-                              "use trajectory data (data=obstacle2d or data=pusht)")
-        horizon, action_dim = self.data_shape
-        if n_obs_steps is None:
-            raise ConfigError("model.n_obs_steps is not set: use model.n_obs_steps=${data.n_obs_steps} (the default)")
-        n_obs_steps = int(n_obs_steps)
-        if horizon != n_obs_steps:
-            raise ConfigError(
-                f"model=lstm_gmm reads one observation per chunk step, so it needs data.horizon == data.n_obs_steps "
-                f"(got data.horizon={horizon}, data.n_obs_steps={n_obs_steps}): e.g. data.horizon=10 data.n_obs_steps=10 "
-                "data.n_action_steps=1"
-            )
-        if cond_dim % n_obs_steps:
-            raise ConfigError(f"model.n_obs_steps={n_obs_steps} does not divide cond_dim={cond_dim}: "
-                              "keep model.n_obs_steps=${data.n_obs_steps}")
+        n_obs_steps, obs_dim, action_dim = self.check_sequence_window(
+            n_obs_steps, "data.horizon=10 data.n_obs_steps=10 data.n_action_steps=1")
         for key, value in (("hidden", hidden), ("num_layers", num_layers), ("num_modes", num_modes)):
             if int(value) < 1:
                 raise ConfigError(f"model.{key} must be a positive integer, got {value}")
         if not min_std > 0:
             raise ConfigError(f"model.min_std must be > 0 (a floor on every component's std), got {min_std}")
-        self.n_obs_steps, self.obs_dim, self.action_dim = n_obs_steps, cond_dim // n_obs_steps, action_dim
+        self.n_obs_steps, self.obs_dim, self.action_dim = n_obs_steps, obs_dim, action_dim
         self.num_modes, self.min_std, self.low_noise_eval = int(num_modes), float(min_std), bool(low_noise_eval)
         self.net = MixtureLSTM(self.obs_dim, action_dim, int(hidden), int(num_layers), self.num_modes)
 
