@@ -148,7 +148,8 @@ PAPER = {
         "data.n_action_steps": 8, "data.obs_keys": ["keypoint", "agent_pos"], "model.scheduler.warmup_steps": 500,
     },
     "pusht_bc_mse": {"model.optimizer.lr": 1e-4, "model.optimizer.weight_decay": 1e-6, "data.horizon": 16, "data.n_obs_steps": 2},
-    "pusht_consistency": {"model._target_": "lightning_modules.consistency_distillation.ConsistencyDistillation", "model.sample_steps": 1, "data.horizon": 16, "data.n_obs_steps": 2},
+    "pusht_consistency": {"model._target_": "lightning_modules.consistency_distillation.ConsistencyDistillation", "model.sample_steps": 1,
+                          "model.init_noise_scale": 0.5, "data.horizon": 16, "data.n_obs_steps": 2},
     "pusht_edm": {  # pusht_ddpm's protocol with EDM's preconditioning (the consistency policies' teacher): Heun-10 = 19 NFE
         "model._target_": "lightning_modules.edm.EDM", "model.sampler": "heun", "model.sample_steps": 10,
         "model.optimizer._target_": "torch.optim.AdamW", "model.optimizer.lr": 1e-4, "model.optimizer.weight_decay": 1e-6,
@@ -157,7 +158,7 @@ PAPER = {
     },
     "pusht_ect": {  # ECT (Geng et al. 2024) from pusht_edm: lr 1e-4, one step, 8 stages of q = 2
         "model._target_": "lightning_modules.consistency_tuning.ConsistencyTuning", "model.sample_steps": 1,
-        "model.optimizer.lr": 1e-4, "model.q": 2.0, "model.num_stages": 8, "model.loss": None, "data.horizon": 16,
+        "model.optimizer.lr": 1e-4, "model.q": 2.0, "model.num_stages": 8, "model.loss": None, "model.init_noise_scale": 0.5, "data.horizon": 16,
         "data.n_obs_steps": 2,
     },
     "pusht_ddpm_transformer": {  # DP-T, state-based: pusht_ddpm's DDPM on the transformer, AdamW 1e-4 / 0.1, betas (0.9, 0.95), warm-up 1000
