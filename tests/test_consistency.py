@@ -678,17 +678,21 @@ def test_ict_loss_is_the_weighted_pseudo_huber_gap_of_one_shared_noise():
     then z), so a missing weight, a fresh z for the lower level or an l2 metric fails."""
     model = cm(AffineNet(), mu=0.0, total_steps=400_000)
     x0 = mixture_points(256, seed=3).float()
-    g = torch.Generator().manual_seed(5)
-    lo, hi = model.pair(256, "cpu", g)
+    got = model.loss({"x": x0}, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got.double(), ict_loss_by_hand(model, x0, seed=5), rtol=2e-4, atol=0)
+    assert model.loss_name == "pseudo_huber"
+
+
+def ict_loss_by_hand(model, x0, seed):
+    """The iCT loss of an AffineNet model, recomputed from its own draws (the pair first, then one z)."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = model.pair(x0.shape[0], "cpu", g)
     z = torch.randn(x0.shape, generator=g)
     student = paper_consistency_fn(x0 + hi[:, None].float() * z, hi)
     target = paper_consistency_fn(x0 + lo[:, None].float() * z, lo)
     c = pseudo_huber_c(2)
     huber = ((student - target).pow(2).sum(1) + c**2).sqrt() - c
-    expected = (huber / math.sqrt(2) / (hi - lo)).mean()
-    got = model.loss({"x": x0}, torch.Generator().manual_seed(5))
-    torch.testing.assert_close(got.double(), expected, rtol=2e-4, atol=0)
-    assert model.loss_name == "pseudo_huber"
+    return (huber / math.sqrt(2) / (hi - lo)).mean()
 
 
 # --- sampling: the exact consistency function gives the exact law ---------------------------------------
