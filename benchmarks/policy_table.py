@@ -97,7 +97,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     parser.add_argument("--seeds", default="0", help="comma list of training seeds (the paper: 3)")
     parser.add_argument("--max-steps", type=int, default=None, help="training steps per run (default: Push-T 8000, obstacle2d 4000)")
-    parser.add_argument("--eval-every", type=int, default=None, help="steps between training-time evaluations (default max-steps / 10)")
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between training-time evaluations (default max-steps / 20: "
+                        "the last 10 are the second half of training)")
     parser.add_argument("--max-train-episodes", type=int, default=None, help="train on this many demonstration episodes (the paper: 90)")
     parser.add_argument("--paper-widths", action="store_true", help="the paper's nets (unet1d_paper, transformer1d): for a GPU")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra train.py overrides for every run")
@@ -109,7 +110,7 @@ def main() -> None:
     policy_seeds = [int(s) for s in args.seeds.split(",")]
     pusht = args.data == "pusht"
     max_steps = args.max_steps or (8000 if pusht else 4000)
-    every = args.eval_every or max(max_steps // 10, 1)
+    every = args.eval_every or max(max_steps // 20, 1)
     first, n = SEED_SETS["paper_50"]
     common = [f"trainer.max_steps={max_steps}", f"trainer.val_check_interval={every}", "callbacks.rollout.every_n_val=1",
               f"callbacks.rollout.seed={first}", f"callbacks.rollout.num_episodes={n}", "final_eval.num_episodes=50",

@@ -36,8 +36,15 @@ class EMA(WeightAveraging):
         return min(self.decay, (1 + num_updates) / (10 + num_updates))
 
     def _lerp(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
-        # One fused call per dtype/device group; the decay is a Python float, so no device sync.
-        torch._foreach_lerp_(averaged, current, 1.0 - self._decay_now)
+        # One fused call per dtype/device group; the decay is a Python float, so no device sync. Integer and
+        # boolean buffers (attention masks, counters) cannot be averaged: the average takes their current value.
+        floats = [i for i, a in enumerate(averaged) if a.is_floating_point()]
+        if len(floats) < len(averaged):
+            for i in set(range(len(averaged))) - set(floats):
+                averaged[i].copy_(current[i])
+            averaged, current = [averaged[i] for i in floats], [current[i] for i in floats]
+        if averaged:
+            torch._foreach_lerp_(averaged, current, 1.0 - self._decay_now)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         if step_idx is None:

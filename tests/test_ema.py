@@ -154,3 +154,14 @@ def test_nested_ema_contexts_keep_the_average_until_the_outermost_ends(tmp_path)
             assert torch.equal(flat(model), average)
         assert torch.equal(flat(model), average)
     assert torch.equal(flat(model), raw)
+
+
+def test_buffers_that_cannot_be_averaged_take_the_current_value():
+    """Boolean masks (the transformer's attention masks) and integer counters are copied; floats are still lerped."""
+    ema = EMA(decay=0.9, warmup=False)
+    averaged = [torch.zeros(3), torch.zeros(2, dtype=torch.bool), torch.zeros(2, dtype=torch.long)]
+    current = [torch.ones(3), torch.ones(2, dtype=torch.bool), torch.full((2,), 7)]
+    ema._decay_now = 0.9
+    ema._lerp(averaged, current, None)
+    torch.testing.assert_close(averaged[0], torch.full((3,), 0.1))
+    assert averaged[1].all() and (averaged[2] == 7).all()
