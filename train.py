@@ -142,10 +142,12 @@ def main(cfg: DictConfig) -> dict | None:
         check_compatible(read_checkpoint(cfg.ckpt_path), cfg, cfg.ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    model = build_model(cfg, datamodule.data_shape, datamodule.cond_dim)
+    model = build_model(cfg, datamodule.data_shape, datamodule.cond_dim, getattr(datamodule, "obs_spec", None))
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     n_params = sum(p.numel() for p in model.net.parameters())
-    log.info(f"{type(model).__name__} with {type(model.net).__name__}: {n_params / 1e6:.2f}M parameters; data shape {datamodule.data_shape}")
+    encoder = "" if model.obs_encoder is None else (
+        f" and an observation encoder of {sum(p.numel() for p in model.obs_encoder.parameters()) / 1e6:.2f}M")
+    log.info(f"{type(model).__name__} with {type(model.net).__name__}: {n_params / 1e6:.2f}M parameters{encoder}; data shape {datamodule.data_shape}")
 
     out_dir = Path(cfg.paths.output_dir)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")) or False,

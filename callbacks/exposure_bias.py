@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import default_collate
 
@@ -67,8 +68,10 @@ class ExposureBias(EveryNValidations):
         sampler = sampling.get("sampler") or pl_module.sampler
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         with ema_weights(trainer, pl_module):
-            result = measure_exposure_bias(pl_module, x0, sampler, sampling.get("steps"), generator,
-                                           cond=None if cond is None else cond.to(pl_module.device))
+            if cond is not None:  # camera frames go through the (EMA) observation encoder once, like a policy's
+                with torch.no_grad():
+                    cond = pl_module.encode_cond(move_data_to_device(cond, pl_module.device))
+            result = measure_exposure_bias(pl_module, x0, sampler, sampling.get("steps"), generator, cond=cond)
         for logger in trainer.loggers:
             logger.log_metrics({"exposure/delta_sum": result["delta_sum"], "exposure/mean_ratio": result["mean_ratio"],
                                 "exposure/mean_gap": result["mean_gap"]}, step=trainer.global_step)

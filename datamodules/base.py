@@ -85,6 +85,9 @@ class ArrayDataModule(pl.LightningDataModule):
         for split in ("train", "val"):
             if split not in self._splits:
                 data = self.load_split(split)
+                if isinstance(data, Dataset):  # a subclass's own indexing (e.g. camera frames gathered per batch)
+                    self._splits[split] = data
+                    continue
                 data = data if isinstance(data, dict) else {"x": data}
                 for key, value in data.items():
                     check_finite(f"'{key}'", value, f"{type(self).__name__}, {split} split: ")

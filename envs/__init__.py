@@ -7,15 +7,22 @@ entry, so `make_env(policy.task)` builds the environment without the data or the
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from difflab.errors import ConfigError
 
 TASKS = {"obstacle2d": "envs.obstacle2d:Obstacle2DEnv", "pusht": "envs.pusht:PushTEnv"}
 
 
-def make_env(task: str, render_size: int = 96):
-    """A fresh environment of `task` (imported on first use: gym-pusht is needed for pusht only)."""
+def make_env(task: str, render_size: int = 96, cameras: bool = False):
+    """A fresh environment of `task` (imported on first use: gym-pusht is needed for pusht only); cameras=True adds
+    its camera frames to every observation (for image policies)."""
     if task not in TASKS:
         raise ConfigError(f"no environment for task {task!r}: the tasks are {', '.join(sorted(TASKS))}")
     module, cls = TASKS[task].split(":")
-    return getattr(importlib.import_module(module), cls)(render_size=render_size)
+    env_cls = getattr(importlib.import_module(module), cls)
+    if not cameras:
+        return env_cls(render_size=render_size)
+    if "cameras" not in inspect.signature(env_cls).parameters:
+        raise ConfigError(f"the {task} environment has no cameras: its policies observe state only")
+    return env_cls(render_size=render_size, cameras=True)

@@ -30,12 +30,16 @@ class Policy:
         seed: int = 0,
         sample_kwargs: dict | None = None,
         task: str = "",
+        image_shapes: dict | None = None,
     ):
         self.module = module.eval()
         self.task = task
         self.obs_normalizer, self.action_normalizer = obs_normalizer, action_normalizer
         self.obs_keys = list(obs_keys)
-        self.obs_dims = {k: int(obs_dims[k]) for k in self.obs_keys}
+        # camera keys (C, H, W): their frames go to the model as uint8, through its observation encoder
+        self.image_shapes = {k: tuple(int(d) for d in v) for k, v in (image_shapes or {}).items()}
+        self.low_keys = [k for k in self.obs_keys if k not in self.image_shapes]
+        self.obs_dims = {k: int(obs_dims[k]) for k in self.low_keys}
         self.n_obs_steps, self.horizon, self.n_action_steps = n_obs_steps, horizon, n_action_steps
         self.sampler, self.steps = sampler, steps
         self.sample_kwargs = dict(sample_kwargs or {})  # e.g. eps_scale, time_shift_window for the DDPM family
@@ -48,7 +52,7 @@ class Policy:
         return cls(
             module, MinMaxNormalizer.from_state_dict(spec["obs_normalizer"]), MinMaxNormalizer.from_state_dict(spec["action_normalizer"]),
             spec["obs_keys"], spec["obs_dims"], int(spec["n_obs_steps"]), int(spec["horizon"]),
-            n_action_steps or int(spec["n_action_steps"]), task=spec["task"], **kwargs,
+            n_action_steps or int(spec["n_action_steps"]), task=spec["task"], image_shapes=spec.get("image_shapes"), **kwargs,
         )
 
     @classmethod
@@ -60,7 +64,8 @@ class Policy:
         """The inverse of `from_spec` (n_action_steps as executed)."""
         return {"obs_normalizer": self.obs_normalizer.state_dict(), "action_normalizer": self.action_normalizer.state_dict(),
                 "obs_keys": list(self.obs_keys), "obs_dims": dict(self.obs_dims), "n_obs_steps": self.n_obs_steps,
-                "horizon": self.horizon, "n_action_steps": self.n_action_steps, "task": self.task}
+                "horizon": self.horizon, "n_action_steps": self.n_action_steps, "task": self.task,
+                "image_shapes": {k: list(v) for k, v in self.image_shapes.items()}}
 
     def make_env(self, render_size: int = 96):
         """A fresh environment of the task this policy was trained on."""
@@ -68,7 +73,7 @@ class Policy:
 
         if not self.task:
             raise ValueError("this policy names no task, so it cannot build its environment: pass make_env to the runner")
-        return make_env(self.task, render_size)
+        return make_env(self.task, render_size, cameras=bool(self.image_shapes))
 
     @property
     def nfe(self) -> int | None:
@@ -79,20 +84,37 @@ class Policy:
         """Refuse an environment whose observations are not the ones this policy was trained on."""
         have = getattr(env, "obs_dims", {})
         wrong = {k: d for k, d in self.obs_dims.items() if have.get(k) != d}
+        cameras = {k: tuple(v) for k, v in getattr(env, "image_shapes", {}).items()}
+        blind = {k: s for k, s in self.image_shapes.items() if cameras.get(k) != s}
+        if blind:
+            raise ValueError(f"the policy sees the cameras {self.image_shapes} but {type(env).__name__} gives {cameras or 'none'}: "
+                             "build the environment with cameras=True (policy.make_env() does)")
         if wrong:
             raise ValueError(
                 f"the policy observes {self.obs_dims} but {type(env).__name__} gives {have}: "
                 "this checkpoint was trained on another task or with other data.obs_keys"
             )
 
-    def stack(self, history: list[dict]) -> np.ndarray:
-        """(n_obs_steps, obs_dim) from the last n_obs_steps observation dicts, keys in training order."""
+    def stack(self, history: list[dict]):
+        """(n_obs_steps, obs_dim) from the last n_obs_steps observation dicts, keys in training order; with cameras a
+        dict of that array under 'low_dim' and each camera's uint8 frames (n_obs_steps, C, H, W)."""
         if len(history) < self.n_obs_steps:
             raise ValueError(f"need the last {self.n_obs_steps} observations, got {len(history)} (repeat the first one at an episode start)")
         missing = [k for k in self.obs_keys if k not in history[-1]]
         if missing:
             raise KeyError(f"observation lacks {missing}; the policy observes {self.obs_keys}, the observation has {sorted(history[-1])}")
-        return np.stack([np.concatenate([np.asarray(o[k], dtype=np.float32).ravel() for k in self.obs_keys]) for o in history[-self.n_obs_steps :]])
+        recent = history[-self.n_obs_steps :]
+        low = np.stack([np.concatenate([np.asarray(o[k], dtype=np.float32).ravel() for k in self.low_keys]) for o in recent])
+        if not self.image_shapes:
+            return low
+        return {"low_dim": low, **{k: np.stack([np.asarray(o[k], dtype=np.uint8) for o in recent]) for k in self.image_shapes}}
+
+    def stack_batch(self, histories: list[list[dict]]):
+        """stack() for several episodes: (B, n_obs_steps, obs_dim), or a dict of batched arrays with cameras."""
+        stacked = [self.stack(list(h)) for h in histories]
+        if not self.image_shapes:
+            return np.stack(stacked)
+        return {k: np.stack([s[k] for s in stacked]) for k in stacked[0]}
 
     @torch.no_grad()
     def act(self, obs_history) -> np.ndarray:
@@ -103,13 +125,23 @@ class Policy:
         """
         if isinstance(obs_history, (list, tuple)) and obs_history and isinstance(obs_history[0], dict):
             obs_history = self.stack(list(obs_history))
+        frames = {}
+        if isinstance(obs_history, dict):
+            frames = {k: np.asarray(v) for k, v in obs_history.items() if k != "low_dim"}
+            obs_history = obs_history["low_dim"]
+        if sorted(frames) != sorted(self.image_shapes):
+            raise ValueError(f"the policy sees the cameras {sorted(self.image_shapes)}, the observation gives {sorted(frames)}")
         obs = np.asarray(obs_history, dtype=np.float32)
         single = obs.ndim == 2
         obs = obs[None] if single else obs
         if obs.shape[1:] != (self.n_obs_steps, sum(self.obs_dims.values())):
             raise ValueError(f"observation history must be (B, {self.n_obs_steps}, {sum(self.obs_dims.values())}), got {obs.shape}")
         device = self.module.device
-        cond = self.obs_normalizer.normalize(torch.from_numpy(obs)).reshape(obs.shape[0], -1).to(device)
+        cond = self.obs_normalizer.normalize(torch.from_numpy(obs)).to(device)
+        if frames:
+            cond = {"low_dim": cond, **{k: torch.as_tensor(v[None] if single else v, dtype=torch.uint8).to(device) for k, v in frames.items()}}
+        else:
+            cond = cond.reshape(obs.shape[0], -1)
         chunk = self.module.sample(obs.shape[0], cond=cond, sampler=self.sampler, steps=self.steps, generator=self.generator,
                                    **self.sample_kwargs)
         actions = self.action_normalizer.unnormalize(chunk.float().cpu()).numpy()

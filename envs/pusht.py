@@ -60,13 +60,15 @@ def _reset_block_xy(state: np.ndarray) -> np.ndarray:
 
 
 class PushTEnv:
-    """Headless, seeded gym-pusht with the observation dict our policies use."""
+    """Headless, seeded gym-pusht with the observation dict our policies use; with cameras=True it also has
+    `image`, uint8 (3, 96, 96): gym-pusht's own observation frame (what obs_type="pixels_agent_pos" returns as
+    `pixels`, no action marker drawn), the picture the zarr's `img` recorded."""
 
     obs_dims: dict[str, int] = {"state": 5, "keypoint": 18, "agent_pos": 2}
     action_dim: int = 2
     max_steps: int = 300  # the paper's episode limit; the runner counts steps, this class does not
 
-    def __init__(self, render_size: int = 96) -> None:
+    def __init__(self, render_size: int = 96, cameras: bool = False) -> None:
         os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")  # pygame prints a banner on import
         try:
             from gym_pusht.envs.pusht import PushTEnv as _GymPushT
@@ -75,6 +77,8 @@ class PushTEnv:
                 'Push-T needs gym-pusht: pip install gym-pusht (or pip install -e ".[pusht]")'
             ) from e
         self.render_size = render_size
+        self.cameras = bool(cameras)
+        self.image_shapes: dict[str, tuple[int, int, int]] = {"image": (3, 96, 96)} if self.cameras else {}
         # Built directly rather than through gym.make, whose TimeLimit/checker wrappers we do not want.
         self._env = _GymPushT(
             obs_type="state",
@@ -83,14 +87,22 @@ class PushTEnv:
             visualization_height=render_size,
         )
 
-    @staticmethod
-    def _obs(state: np.ndarray) -> dict[str, np.ndarray]:
+    def _obs(self, state: np.ndarray) -> dict[str, np.ndarray]:
         state = np.asarray(state, dtype=np.float64)
-        return {
+        obs = {
             "state": state.astype(np.float32),
             "keypoint": keypoints_from_state(state).astype(np.float32),
             "agent_pos": state[:2].astype(np.float32),
         }
+        if self.cameras:
+            obs["image"] = self.observation_frame()
+        return obs
+
+    def observation_frame(self) -> np.ndarray:
+        """uint8 (3, 96, 96): gym-pusht's pixel observation of the current state (its `_render()`, which the
+        pixels obs types return), channels first as the encoder reads it."""
+        frame = np.asarray(self._env._render(visualize=False))
+        return np.ascontiguousarray(np.rint(frame).clip(0, 255).astype(np.uint8).transpose(2, 0, 1))
 
     def reset(self, seed: int, state: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Random start drawn from `seed`, or the recorded 5-vector `state` if given."""

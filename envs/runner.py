@@ -39,7 +39,7 @@ def run_episodes(policy, make_env: Callable, seeds: list[int], max_steps: int | 
             active = [i for i in range(n) if not results[i]["done"] and results[i]["length"] < max_steps]
             if not active:
                 break
-            chunks = policy.act(np.stack([policy.stack(list(histories[i])) for i in active]))
+            chunks = policy.act(policy.stack_batch([histories[i] for i in active]))
             for k in range(chunks.shape[1]):
                 for j, i in enumerate(active):
                     r = results[i]

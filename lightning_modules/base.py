@@ -62,6 +62,9 @@ class DiffusionModule(pl.LightningModule):
         self.clip_denoised = clip_denoised
         # Set by train.py: the resolved run config, stored in every checkpoint so a checkpoint can rebuild itself.
         self.run_config: dict | None = None
+        # Set by build_model for image observations (lightning_modules.nets.obs_encoder): it turns the observation dict
+        # of a batch into the flat cond, trained end to end with the method, so no method needs to know about pixels.
+        self.obs_encoder: nn.Module | None = None
 
     # --- what a method provides -------------------------------------------------------------
     def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -186,7 +189,7 @@ class DiffusionModule(pl.LightningModule):
                progress: bool = False, return_nfe: bool = False, **options):
         """num_samples draws; x_T (the method's own coordinates) replaces the prior draw; callback(i, sigma, x) sees
         each VE-form state before it is denoised. return_nfe=True returns (samples, NFE per sample)."""
-        cond = self.check_cond(cond, num_samples)
+        cond = self.check_cond(self.encode_cond(cond), num_samples)
         sampler, opts, sigmas = self._plan(sampler, steps, options)
         spec = samplers.get(sampler)
         first = float(sigmas[0])
@@ -214,7 +217,8 @@ class DiffusionModule(pl.LightningModule):
         with tqdm(total=num_samples, disable=not progress, desc="sampling") as bar:
             for start in range(0, num_samples, batch_size):
                 n = min(batch_size, num_samples - start)
-                part = None if cond is None else cond[start : start + n]
+                part = None if cond is None else (
+                    {k: v[start : start + n] for k, v in cond.items()} if isinstance(cond, dict) else cond[start : start + n])
                 x, nfe = self.sample(n, cond=part, generator=generator, return_nfe=True, **kwargs)
                 chunks.append(x.float().cpu())
                 spent += nfe * n
@@ -242,7 +246,7 @@ class DiffusionModule(pl.LightningModule):
         """
         if self.provides != samplers.DENOISER:
             raise ConfigError(f"metric=bpd needs a probability-flow ODE: {type(self).__name__} has no denoiser to integrate")
-        cond = self.check_cond(cond, x.shape[0])
+        cond = self.check_cond(self.encode_cond(cond), x.shape[0])
         y = x if num_levels is None else dequantize(x, num_levels, generator)
         lo, hi, prior, mean_scale = self.likelihood_bounds()
         rtol = getattr(self, "rtol", 1e-5) if rtol is None else rtol
@@ -272,6 +276,19 @@ class DiffusionModule(pl.LightningModule):
     def _generator_device(self, generator: torch.Generator | None) -> torch.device:
         return generator.device if generator is not None else self.device
 
+    def encode_cond(self, cond):
+        """An observation dict (camera images, low-dim state) through the obs encoder; a flat cond as it is."""
+        if not isinstance(cond, dict):
+            return cond
+        if self.obs_encoder is None:
+            raise ValueError(f"cond is an observation dict ({sorted(cond)}) but this model has no obs_encoder: "
+                             "train on image data with obs_encoder=... or pass the flat normalised history")
+        return self.obs_encoder(cond)
+
+    def encoded(self, batch: dict) -> dict:
+        """The batch with its observation dict encoded (with gradients: the encoder trains with the method)."""
+        return {**batch, "cond": self.encode_cond(batch["cond"])} if isinstance(batch.get("cond"), dict) else batch
+
     def check_cond(self, cond, num_samples: int):
         if self.cond_dim is None and cond is not None:
             raise ValueError("this model was trained without conditioning: call sample(..., cond=None)")
@@ -284,7 +301,7 @@ class DiffusionModule(pl.LightningModule):
 
     # --- Lightning ----------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch)
+        loss = self.loss(self.encoded(batch))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["x"].shape[0])
         return loss
 
@@ -320,7 +337,7 @@ class DiffusionModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = torch.Generator(device=self.device).manual_seed(VAL_SEED + batch_idx)
-        loss = self.loss(batch, generator=generator)
+        loss = self.loss(self.encoded(batch), generator=generator)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["x"].shape[0])
         return loss
 
@@ -363,6 +380,8 @@ class DiffusionModule(pl.LightningModule):
             "config": self.run_config,
             "data_shape": list(self.data_shape),
             "cond_dim": self.cond_dim,
+            # camera images: what build_model needs to rebuild the observation encoder (None for state-only data)
+            "obs_spec": getattr(self, "obs_spec", None),
             "method": f"{type(self).__module__}.{type(self).__qualname__}",
         }
         # A policy's normalizers, observation keys and task travel with the weights, so the checkpoint acts alone.

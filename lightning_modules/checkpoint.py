@@ -10,7 +10,7 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from difflab.errors import CheckpointError, MissingFileError
+from difflab.errors import CheckpointError, ConfigError, MissingFileError
 from lightning_modules.base import DiffusionModule
 
 
@@ -53,16 +53,35 @@ def current_config(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def build_model(cfg: DictConfig, data_shape, cond_dim) -> DiffusionModule:
-    """The net from cfg.net and the method from cfg.model, both sized by the datamodule."""
+def build_obs_encoder(cfg: DictConfig, obs_spec: dict | None):
+    """The observation encoder (cfg.obs_encoder) for data with camera images (the datamodule's `obs_spec`), or None."""
+    if not obs_spec or not obs_spec.get("image_shapes"):
+        return None
+    if cfg.get("obs_encoder") is None:
+        raise ConfigError(f"the data has camera images {sorted(obs_spec['image_shapes'])} but no observation encoder is "
+                          "configured: add obs_encoder=resnet18 (Diffusion Policy's) or obs_encoder=conv_small (CPU-sized)")
+    return instantiate(cfg.obs_encoder, image_shapes={k: list(v) for k, v in obs_spec["image_shapes"].items()},
+                       low_dim=int(obs_spec["low_dim"]), n_obs_steps=int(obs_spec["n_obs_steps"]))
+
+
+def build_model(cfg: DictConfig, data_shape, cond_dim, obs_spec: dict | None = None) -> DiffusionModule:
+    """The net from cfg.net and the method from cfg.model, both sized by the datamodule. With camera images
+    (`obs_spec`) the observation encoder is built first and its output size is the method's cond_dim."""
     cfg = current_config(cfg)
     data_shape = tuple(int(d) for d in data_shape)
+    encoder = build_obs_encoder(cfg, obs_spec)
+    if encoder is not None:
+        cond_dim = encoder.out_dim
     # A method whose architecture is part of it (an LSTM with a mixture head, BET's GPT with bin heads) builds its own
     # net from model.*; the net group does not apply to it.
     if getattr(get_class(cfg.model._target_), "owns_net", False):
-        return instantiate(cfg.model, net=None, data_shape=data_shape, cond_dim=cond_dim)
-    net = instantiate(cfg.net, data_shape=data_shape, cond_dim=cond_dim)
-    return instantiate(cfg.model, net=net, data_shape=data_shape, cond_dim=cond_dim)
+        model = instantiate(cfg.model, net=None, data_shape=data_shape, cond_dim=cond_dim)
+    else:
+        net = instantiate(cfg.net, data_shape=data_shape, cond_dim=cond_dim)
+        model = instantiate(cfg.model, net=net, data_shape=data_shape, cond_dim=cond_dim)
+    if encoder is not None:
+        model.obs_encoder, model.obs_spec = encoder, obs_spec
+    return model
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -125,7 +144,7 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> t
     ckpt = read_checkpoint(path)
     meta = ckpt["difflab"]
     cfg = OmegaConf.create(meta["config"])
-    model = build_model(cfg, meta["data_shape"], meta["cond_dim"])
+    model = build_model(cfg, meta["data_shape"], meta["cond_dim"], meta.get("obs_spec"))
     model.load_state_dict(ckpt["state_dict"])
     model.run_config = meta["config"]
     return model.to(map_location).eval(), ckpt
