@@ -7,6 +7,8 @@ method is a policy through this one path.
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import torch
 
@@ -43,7 +45,9 @@ class Policy:
         self.n_obs_steps, self.horizon, self.n_action_steps = n_obs_steps, horizon, n_action_steps
         self.sampler, self.steps = sampler, steps
         self.sample_kwargs = dict(sample_kwargs or {})  # e.g. eps_scale, time_shift_window for the DDPM family
+        self.seed = seed
         self.generator = torch.Generator(device=module.device).manual_seed(seed)
+        self.reset()
 
     @classmethod
     def from_spec(cls, module, spec: dict, n_action_steps: int | None = None, **kwargs) -> "Policy":
@@ -115,6 +119,25 @@ class Policy:
         if not self.image_shapes:
             return np.stack(stacked)
         return {k: np.stack([s[k] for s in stacked]) for k in stacked[0]}
+
+    # --- LeRobot's stateful interface: one observation in, one action out ---------------------------------------
+    def reset(self) -> None:
+        """Start an episode: forget the observation history and the queue of planned actions."""
+        self._history: deque = deque(maxlen=self.n_obs_steps)
+        self._queue: deque = deque()
+
+    def select_action(self, obs: dict) -> np.ndarray:
+        """The action to execute now, (action_dim,), from the current observation dict only. The policy keeps the
+        last n_obs_steps observations (the first one repeated at an episode start, as training pads) and the
+        n_action_steps actions of its last chunk; a new chunk is sampled when they run out, so stepping with
+        select_action is `act` on the history every n_action_steps steps. Call reset() between episodes."""
+        if not self._history:
+            self._history.extend([obs] * self.n_obs_steps)
+        else:
+            self._history.append(obs)
+        if not self._queue:
+            self._queue.extend(self.act(list(self._history)))
+        return self._queue.popleft()
 
     @torch.no_grad()
     def act(self, obs_history) -> np.ndarray:

@@ -120,6 +120,14 @@ def test_tiny_image_policy_trains_acts_in_pixels_and_reloads(tiny_zarr, tmp_path
     results = run_episodes(policy, policy.make_env, seeds=[100000, 100001], max_steps=10)
     assert all(r["length"] == 10 and 0.0 <= r["max_reward"] <= 1.0 for r in results)
 
+    from envs.export import export_policy, load_exported
+
+    exported = load_exported(export_policy(again, tmp_path / "exported"), seed=11)  # no checkpoint, no run config
+    fresh, _ = load_policy(ckpt_path, seed=11)
+    np.testing.assert_array_equal(exported.act([obs, obs]), fresh.act([obs, obs]))
+    exported.reset()
+    assert exported.select_action(obs).shape == (2,)
+
     from envs.pusht import PushTEnv
 
     with pytest.raises(ValueError, match="cameras=True"):

@@ -1,0 +1,86 @@
+"""LeRobot's policy interface (issue 21): reset / select_action on the current observation only, and a policy
+exported to a folder (safetensors + JSON) that acts exactly like the one it came from."""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from envs.export import export_policy, load_exported
+from envs.obstacle2d import Obstacle2DEnv
+from envs.policy import Policy
+from test_policy import tiny_obstacle
+
+
+def policy_for(method, tmp_path, seed=7):
+    cfg, datamodule, module = tiny_obstacle(method, tmp_path)
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    if method == "bet":  # its k-means bins come from the training actions (setup('fit') in a real run)
+        module.fit_bins(datamodule.dataset("train").tensors["x"])
+    torch.manual_seed(0)
+    with torch.no_grad():  # untrained but not at init, so a wrong weight mapping would show
+        for p in module.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    steps = {"ddpm": 3, "flow_matching": 3}.get(method)
+    return lambda: Policy.from_datamodule(module, datamodule, steps=steps, seed=seed)
+
+
+@pytest.mark.parametrize("method", ["ddpm", "bet"])
+def test_select_action_is_act_on_the_history(method, tmp_path):
+    make = policy_for(method, tmp_path)
+    stateful, batch = make(), make()
+    env_a, env_b = Obstacle2DEnv(), Obstacle2DEnv()
+    for episode, steps in ((11, 13), (12, 6)):  # the second episode starts mid-chunk: reset() must drop the queue
+        obs_a = env_a.reset(seed=episode)
+        obs_b = env_b.reset(seed=episode)
+        stateful.reset()
+        history = deque([obs_b] * batch.n_obs_steps, maxlen=batch.n_obs_steps)
+        chunk: list = []
+        for _ in range(steps):
+            a = stateful.select_action(obs_a)
+            if not chunk:
+                chunk = list(batch.act(list(history)))
+            b = chunk.pop(0)
+            np.testing.assert_array_equal(a, b)
+            obs_a, *_ = env_a.step(a)
+            obs_b, *_ = env_b.step(b)
+            history.append(obs_b)
+
+
+@pytest.mark.parametrize("method", ["ddpm", "lstm_gmm", "bet", "vae_policy", "flow_matching"])
+def test_export_load_acts_exactly_the_same(method, tmp_path):
+    make = policy_for(method, tmp_path)
+    policy = make()
+    folder = export_policy(policy, tmp_path / "exported")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "policy.json"]
+    stats = json.loads((folder / "policy.json").read_text())
+    np.testing.assert_allclose(stats["action_normalizer"]["low"], policy.action_normalizer.low.numpy())
+    loaded = load_exported(folder)
+    for key, value in policy.module.state_dict().items():
+        torch.testing.assert_close(loaded.module.state_dict()[key], value, rtol=0, atol=0)
+    fresh = make()  # the same model and seed, an unused generator, like the loaded policy
+    env = Obstacle2DEnv()
+    obs = env.reset(seed=5)
+    history = [obs] * policy.n_obs_steps
+    np.testing.assert_array_equal(loaded.act(history), fresh.act(history))
+    assert loaded.spec().keys() == policy.spec().keys() and loaded.nfe == policy.nfe
+    # written again over itself: replaced whole, still loadable
+    export_policy(loaded, folder)
+    assert load_exported(folder).n_action_steps == policy.n_action_steps
+
+
+def test_load_exported_refuses_what_is_not_one(tmp_path):
+    from difflab.errors import CheckpointError, MissingFileError
+
+    with pytest.raises(MissingFileError, match="lacks"):
+        load_exported(tmp_path)
+    for name in ("model.safetensors", "policy.json"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "config.json").write_text(json.dumps({"format": "lerobot", "version": 1}))
+    with pytest.raises(CheckpointError, match="format"):
+        load_exported(tmp_path)
