@@ -177,26 +177,39 @@ class Policy:
 def load_policy(path, sampler: str | None = None, steps: int | None = None, n_action_steps: int | None = None,
                 device: str = "cpu", seed: int = 0, **sample_kwargs) -> tuple[Policy, object]:
     """A checkpoint alone acts: (policy, datamodule); `policy.make_env()` builds its environment, and the
-    datamodule (not set up, no data read) is returned for its `unnormalize`/`render`.
+    datamodule (not set up, no data read) is returned for its `unnormalize`/`render` (None when it cannot be built
+    without its data, e.g. a LeRobot folder that is not on this machine: the policy does not need it).
     sample_kwargs go to every `module.sample` call (e.g. eps_scale=1.01 for a DDPM-family policy)."""
+    from hydra.utils import get_class
+
+    from difflab.errors import MissingFileError
     from lightning_modules.checkpoint import instantiate_datamodule, load_module
 
     module, ckpt = load_module(path, map_location=device)
-    datamodule = instantiate_datamodule(module.run_config)
-    if getattr(datamodule, "data_kind", None) != "trajectory":
-        raise CheckpointError(f"{path} was trained on {type(datamodule).__name__}, not on demonstrations: it is not a policy "
+    data_class = get_class(module.run_config["data"]["_target_"])
+    if getattr(data_class, "data_kind", None) != "trajectory":
+        raise CheckpointError(f"{path} was trained on {data_class.__name__}, not on demonstrations: it is not a policy "
                               "(sample it with sample.py, score it with evaluate.py's default metric)")
+    try:
+        datamodule = instantiate_datamodule(module.run_config)
+    except Exception as err:  # Hydra wraps what the constructor raised
+        if not isinstance(err, MissingFileError) and not isinstance(err.__cause__, MissingFileError):
+            raise
+        datamodule = None
     spec = ckpt.get("policy")
-    if spec is None:  # checkpoints before the policy entry: Lightning's datamodule state, under its class name
+    if spec is None and datamodule is not None:  # checkpoints before the policy entry: Lightning's datamodule state, under its class name
         legacy = ckpt.get(type(datamodule).__qualname__)
         if legacy is None:
             raise CheckpointError(f"{path} has no policy entry (normalizers): it was not saved by train.py on trajectory data")
         datamodule.load_state_dict(legacy)
         spec = datamodule.policy_spec()
+    if spec is None:
+        raise CheckpointError(f"{path} has no policy entry and its data are not here to rebuild the normalizers from")
     module.check_sampling(sampler, steps=steps, **sample_kwargs)
     policy = Policy.from_spec(module, spec, n_action_steps=n_action_steps, sampler=sampler, steps=steps, seed=seed,
                               sample_kwargs=sample_kwargs)
-    datamodule.load_state_dict({k: spec[k] for k in ("obs_normalizer", "action_normalizer", "obs_keys", "n_obs_steps",
-                                                     "horizon", "n_action_steps")})
+    if datamodule is not None:
+        datamodule.load_state_dict({k: spec[k] for k in ("obs_normalizer", "action_normalizer", "obs_keys", "n_obs_steps",
+                                                         "horizon", "n_action_steps")})
     policy.global_step = int(ckpt.get("global_step", -1))
     return policy, datamodule

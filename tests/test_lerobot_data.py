@@ -1,0 +1,122 @@
+"""data=lerobot: a LeRobotDataset v3.0 folder, written here in LeRobot's layout, read back against the arrays it was
+written from (issue 21). Never a download."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("pyarrow")
+pytest.importorskip("av")
+
+from datamodules.lerobot import LeRobotDataModule  # noqa: E402
+from difflab.errors import ConfigError, DataError, MissingFileError  # noqa: E402
+from lerobot_layout import write_lerobot  # noqa: E402
+
+KEYS = {"agent_pos": "observation.state", "image": "observation.image"}
+
+
+def episodes(lengths=(23, 17, 30), seed=0):
+    """Smooth frames (a moving disc on a gradient): what a video codec keeps nearly exactly, unlike noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    yy, xx = np.mgrid[0:96, 0:96]
+    for n in lengths:
+        state = rng.uniform(0, 512, (n, 2)).astype(np.float32)
+        action = (state + rng.normal(0, 5, (n, 2))).astype(np.float32)
+        frames = np.zeros((n, 96, 96, 3), dtype=np.uint8)
+        for t in range(n):
+            cx, cy = state[t] / 512 * 96
+            disc = ((xx - cx) ** 2 + (yy - cy) ** 2) < 100
+            frames[t, ..., 0] = (xx * 2).astype(np.uint8)
+            frames[t, ..., 1] = np.where(disc, 230, 40)
+            frames[t, ..., 2] = (yy * 2).astype(np.uint8)
+        out.append({"state": state, "action": action, "image": frames})
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    eps = episodes()
+    return write_lerobot(tmp_path_factory.mktemp("lerobot") / "pusht_like", eps), eps
+
+
+def test_reader_returns_the_arrays_it_was_written_from(dataset):
+    root, eps = dataset
+    dm = LeRobotDataModule(str(root), KEYS, val_fraction=0.0, batch_size=4)
+    assert dm.env_obs_dims == {"agent_pos": 2} and dm.env_image_shapes == {"image": (3, 96, 96)} and dm.action_dim == 2
+    buffer = dm.buffer()
+    np.testing.assert_array_equal(buffer.episode_ends, np.cumsum([23, 17, 30]))
+    np.testing.assert_array_equal(buffer.data["agent_pos"], np.concatenate([e["state"] for e in eps]))
+    np.testing.assert_array_equal(buffer.data["action"], np.concatenate([e["action"] for e in eps]))
+    frames = dm.images(buffer, "image")
+    written = torch.from_numpy(np.concatenate([e["image"] for e in eps])).permute(0, 3, 1, 2)
+    assert frames.dtype == torch.uint8 and frames.shape == written.shape
+    error = (frames.float() - written.float()).abs()
+    assert error.mean() < 3.0, error.mean()  # AV1 is lossy; a frame off by one would be ~20 (the disc moves)
+    # every frame is closest to its own written frame: the episode offsets in the shared video files are right
+    per_frame = (frames.float()[:, None] - written.float()[None]).abs().mean(dim=(2, 3, 4))
+    np.testing.assert_array_equal(per_frame.argmin(dim=1).numpy(), np.arange(len(written)))
+
+
+def test_trains_batches_through_the_trajectory_path(dataset):
+    root, _ = dataset
+    dm = LeRobotDataModule(str(root), KEYS, task="pusht", val_fraction=0.34, batch_size=4)
+    assert dm.obs_spec == {"image_shapes": {"image": [3, 96, 96]}, "low_dim": 2, "n_obs_steps": 2}
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["x"].shape == (4, 16, 2) and batch["x"].abs().max() <= 1.0
+    assert batch["cond"]["image"].shape == (4, 2, 3, 96, 96) and batch["cond"]["image"].dtype == torch.uint8
+    spec = dm.policy_spec()
+    assert spec["task"] == "pusht" and spec["image_shapes"] == {"image": [3, 96, 96]}
+
+
+def test_stats_normalizer_uses_meta_stats(dataset):
+    root, eps = dataset
+    dm = LeRobotDataModule(str(root), {"agent_pos": "observation.state"}, normalizer="stats", val_fraction=0.34)
+    dm.fit_normalizers()
+    stats = json.loads((root / "meta" / "stats.json").read_text())
+    np.testing.assert_allclose(dm.obs_normalizer.low.numpy(), stats["observation.state"]["min"], rtol=1e-6)
+    np.testing.assert_allclose(dm.action_normalizer.high.numpy(), stats["action"]["max"], rtol=1e-6)
+    fit = LeRobotDataModule(str(root), {"agent_pos": "observation.state"}, val_fraction=0.34)
+    fit.fit_normalizers()  # fit on the training episodes only: a narrower range than the whole dataset's
+    assert (fit.obs_normalizer.high <= dm.obs_normalizer.high + 1e-4).all()
+
+
+def test_bad_folders_fail_with_what_to_do(dataset, tmp_path):
+    root, _ = dataset
+    with pytest.raises(MissingFileError, match="not a LeRobotDataset"):
+        LeRobotDataModule(str(tmp_path), KEYS)
+    with pytest.raises(ConfigError, match="observation.images.top"):
+        LeRobotDataModule(str(root), {"image": "observation.images.top"})
+    old = tmp_path / "old"
+    (old / "meta").mkdir(parents=True)
+    (old / "meta" / "info.json").write_text(json.dumps({"codebase_version": "v2.1", "features": {}}))
+    with pytest.raises(DataError, match="v3.0"):
+        LeRobotDataModule(str(old), KEYS)
+    with pytest.raises(ConfigError, match="normalizer"):
+        LeRobotDataModule(str(root), KEYS, normalizer="meanstd")
+
+
+def test_train_on_a_lerobot_folder_and_act_without_it(dataset, tmp_path):
+    pytest.importorskip("gym_pusht")
+    import shutil
+
+    from conftest import run_cli
+    from envs.policy import load_policy
+
+    root = shutil.copytree(dataset[0], tmp_path / "copy")
+    run_dir = tmp_path / "run"
+    run_cli("train.py", "data=lerobot", f"data.root={root}", "obs_encoder=conv_small", "net=unet1d_tiny", "data.batch_size=8",
+            "data.val_fraction=0.34", "trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks.rollout.num_episodes=1",
+            "callbacks.rollout.max_steps=8", "final_eval.num_episodes=1", f"hydra.run.dir={run_dir}", "logger=csv")
+    shutil.rmtree(root)  # a policy needs its checkpoint, not its data
+    policy, datamodule = load_policy(run_dir / "checkpoints" / "last.ckpt")
+    assert datamodule is None and policy.task == "pusht" and policy.image_shapes == {"image": (3, 96, 96)}
+    env = policy.make_env()
+    policy.reset()
+    obs = env.reset(seed=100000)
+    for _ in range(3):
+        obs, *_ = env.step(policy.select_action(obs))
