@@ -5,6 +5,7 @@ scored with the same runner (issue 20).
     python benchmarks/policy_table.py --data obstacle2d                       # the two-route task, with the route split
     python benchmarks/policy_table.py --max-train-episodes 90 --seeds 0,1,2   # the paper's data size and seeds
     python benchmarks/policy_table.py --paper-widths                          # the paper's nets (a GPU's job)
+    python benchmarks/policy_table.py --images --methods dp_c,bc_mse          # image observations (96x96 frames + agent_pos)
 
 Protocol (the paper's): during training the EMA policy is rolled out every --eval-every steps on the reported seeds
 (Push-T 100000..100049, 300 steps; obstacle2d 100000..100049), and the row gives the max and the mean of the last 10
@@ -42,6 +43,8 @@ METHODS = {
     "vae": ("VAE policy (CVAE, chunks)", ["experiment=pusht_vae"], ["model=vae_policy"], [], None),
     "bc_mse": ("MSE regression (BC)", ["experiment=pusht_bc_mse"], ["model=bc_mse"], [], None),
 }
+# The paper's image-based Push-T figures (max / mean of the last 10), where it has them.
+PUBLISHED_IMAGE = {"dp_c": (0.91, 0.84), "dp_t": (0.78, 0.66), "lstm_gmm": (0.69, 0.54)}
 SEED_SETS = {"paper_50": (100000, 50), "wide_200": (200000, 200)}
 
 
@@ -101,6 +104,10 @@ def main() -> None:
                         "the last 10 are the second half of training)")
     parser.add_argument("--max-train-episodes", type=int, default=None, help="train on this many demonstration episodes (the paper: 90)")
     parser.add_argument("--paper-widths", action="store_true", help="the paper's nets (unet1d_paper, transformer1d): for a GPU")
+    parser.add_argument("--images", action="store_true", help="Push-T from the camera frames plus agent_pos (issue 21), "
+                        "through --obs-encoder")
+    parser.add_argument("--obs-encoder", default=None, help="image encoder: conv_small (default on CPU widths) or resnet18 "
+                        "(the paper's; the default with --paper-widths)")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra train.py overrides for every run")
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -109,18 +116,25 @@ def main() -> None:
         parser.error(f"unknown methods {unknown}: use {', '.join(METHODS)}")
     policy_seeds = [int(s) for s in args.seeds.split(",")]
     pusht = args.data == "pusht"
+    if args.images and not pusht:
+        parser.error("--images is for Push-T (obstacle2d has no camera)")
+    encoder = args.obs_encoder or ("resnet18" if args.paper_widths else "conv_small")
+    images = ["data.obs_keys=[image,agent_pos]", f"obs_encoder={encoder}"] if args.images else []
     max_steps = args.max_steps or (8000 if pusht else 4000)
     every = args.eval_every or max(max_steps // 20, 1)
     first, n = SEED_SETS["paper_50"]
     common = [f"trainer.max_steps={max_steps}", f"trainer.val_check_interval={every}", "callbacks.rollout.every_n_val=1",
               f"callbacks.rollout.seed={first}", f"callbacks.rollout.num_episodes={n}", "final_eval.num_episodes=50",
-              *([f"data.max_train_episodes={args.max_train_episodes}"] if args.max_train_episodes else []), *args.overrides]
+              *([f"data.max_train_episodes={args.max_train_episodes}"] if args.max_train_episodes else []), *images, *args.overrides]
     if not pusht:
         common = ["data=obstacle2d", *common]
-    name = f"table_{args.data}{f'_e{args.max_train_episodes}' if args.max_train_episodes else ''}{'_paper' if args.paper_widths else ''}"
+    name = (f"table_{args.data}{'_image' if args.images else ''}{f'_e{args.max_train_episodes}' if args.max_train_episodes else ''}"
+            f"{'_paper' if args.paper_widths else ''}")
     rows = {}
     for method in methods:
         label, on_pusht, on_obstacle, paper, published = METHODS[method]
+        if args.images:
+            published = PUBLISHED_IMAGE.get(method)
         overrides = [*(on_pusht if pusht else on_obstacle), *(paper if args.paper_widths and pusht else []), *common]
         per_seed = []
         for seed in policy_seeds:
@@ -135,7 +149,8 @@ def main() -> None:
                              **{k: wide[k] for k in ("route_left", "route_right") if k in wide}})
         rows[method] = {
             "label": label, "seeds": policy_seeds, "max_steps": max_steps, "eval_every": every,
-            "train_episodes": args.max_train_episodes or "all", "published_max_mean": published,
+            "train_episodes": args.max_train_episodes or "all", "observations": f"image ({encoder}) + agent_pos" if args.images else "state",
+            "published_max_mean": published,
             **{k: mean([s[k] for s in per_seed]) for k in ("max", "mean_last10", "wide_200_reward", "wide_200_success",
                                                           "latency_per_chunk_s", "train_wall_s")},
             "nfe": per_seed[0]["nfe"], "per_seed": per_seed,
