@@ -189,7 +189,7 @@ class DiffusionModule(pl.LightningModule):
                progress: bool = False, return_nfe: bool = False, **options):
         """num_samples draws; x_T (the method's own coordinates) replaces the prior draw; callback(i, sigma, x) sees
         each VE-form state before it is denoised. return_nfe=True returns (samples, NFE per sample)."""
-        cond = self.check_cond(self.encode_cond(cond), num_samples)
+        cond = self.check_cond(cond, num_samples)
         sampler, opts, sigmas = self._plan(sampler, steps, options)
         spec = samplers.get(sampler)
         first = float(sigmas[0])
@@ -246,7 +246,7 @@ class DiffusionModule(pl.LightningModule):
         """
         if self.provides != samplers.DENOISER:
             raise ConfigError(f"metric=bpd needs a probability-flow ODE: {type(self).__name__} has no denoiser to integrate")
-        cond = self.check_cond(self.encode_cond(cond), x.shape[0])
+        cond = self.check_cond(cond, x.shape[0])
         y = x if num_levels is None else dequantize(x, num_levels, generator)
         lo, hi, prior, mean_scale = self.likelihood_bounds()
         rtol = getattr(self, "rtol", 1e-5) if rtol is None else rtol
@@ -290,6 +290,8 @@ class DiffusionModule(pl.LightningModule):
         return {**batch, "cond": self.encode_cond(batch["cond"])} if isinstance(batch.get("cond"), dict) else batch
 
     def check_cond(self, cond, num_samples: int):
+        """The flat cond, checked; an observation dict is encoded first (every method's loss and sampler call this)."""
+        cond = self.encode_cond(cond)
         if self.cond_dim is None and cond is not None:
             raise ValueError("this model was trained without conditioning: call sample(..., cond=None)")
         if self.cond_dim is not None:

@@ -132,3 +132,36 @@ def test_tiny_image_policy_trains_acts_in_pixels_and_reloads(tiny_zarr, tmp_path
 
     with pytest.raises(ValueError, match="cameras=True"):
         policy.check_env(PushTEnv())  # a state-only environment cannot feed a policy that sees
+
+
+@pytest.mark.parametrize("method", ["ddpm", "flow_matching", "consistency_training", "bet", "lstm_gmm", "bc_mse"])
+def test_every_method_sees_through_the_encoder(method, tiny_zarr, tmp_path):
+    from hydra.utils import instantiate
+
+    from lightning_modules.checkpoint import build_model
+    from test_policy import METHOD_DATA, compose_policy
+
+    cfg = compose_policy(["data=pusht", f"model={method}", "net=unet1d_tiny", "obs_encoder=conv_small", f"data.path={tiny_zarr}",
+                          "data.obs_keys=[image,agent_pos]", "data.batch_size=8", *METHOD_DATA.get(method, []),
+                          *(["model.total_steps=10"] if method == "consistency_training" else [])], tmp_path)
+    dm = instantiate(cfg.data)
+    dm.setup()
+    torch.manual_seed(0)
+    module = build_model(cfg, dm.data_shape, dm.cond_dim, dm.obs_spec)
+    assert module.cond_dim == module.obs_encoder.out_dim == dm.n_obs_steps * (64 + 2)
+    if method == "bet":
+        module.fit_bins(dm.dataset("train").tensors["x"])
+    with torch.no_grad():  # off the init, where a zero-initialised conditioning layer passes no gradient back yet
+        for p in module.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    batch = dm.dataset("train").__getitems__(list(range(0, 80, 10)))
+    loss = module.loss(module.encoded(batch))
+    loss.backward()
+    assert torch.isfinite(loss)
+    # the loss reaches the pixels' weights: the encoder trains with the method
+    first_conv = module.obs_encoder.cameras["image"].backbone[0].weight
+    assert first_conv.grad is not None and first_conv.grad.abs().sum() > 0
+    module.eval()
+    cond = {k: v[:3] for k, v in batch["cond"].items()}
+    x = module.sample(3, cond=cond, **module.quick_sampling)
+    assert x.shape == (3, *dm.data_shape) and torch.isfinite(x).all()
