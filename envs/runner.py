@@ -39,7 +39,9 @@ def run_episodes(policy, make_env: Callable, seeds: list[int], max_steps: int | 
             active = [i for i in range(n) if not results[i]["done"] and results[i]["length"] < max_steps]
             if not active:
                 break
-            chunks = policy.act(policy.stack_batch([histories[i] for i in active]))
+            stack_batch = getattr(policy, "stack_batch", None)  # a Policy; anything with stack/act also runs
+            chunks = policy.act(stack_batch([histories[i] for i in active]) if stack_batch else
+                                np.stack([policy.stack(list(histories[i])) for i in active]))
             for k in range(chunks.shape[1]):
                 for j, i in enumerate(active):
                     r = results[i]

@@ -11,7 +11,7 @@ from hydra.utils import instantiate, get_class
 from omegaconf import open_dict
 
 from conftest import CONFIG_DIR, run_cli
-from lightning_modules.checkpoint import build_model
+from lightning_modules.checkpoint import build_model, build_obs_encoder
 from test_policy import METHOD_DATA  # the data settings a method needs beyond a data config's defaults
 
 
@@ -33,21 +33,32 @@ def build(cfg, meta: bool = False):
     """The datamodule and the method; meta=True builds the net's parameters on the meta device (shapes only, no
     memory or init time: the experiment nets are 4.6M-71M parameters each)."""
     datamodule = instantiate(cfg.data)
+    spec = getattr(datamodule, "obs_spec", None)
     if not meta or getattr(get_class(cfg.model._target_), "owns_net", False):  # a method's own net is small
-        return datamodule, build_model(cfg, datamodule.data_shape, datamodule.cond_dim)
+        return datamodule, build_model(cfg, datamodule.data_shape, datamodule.cond_dim, spec)
     shape = tuple(int(d) for d in datamodule.data_shape)
     with torch.device("meta"):
-        net = instantiate(cfg.net, data_shape=shape, cond_dim=datamodule.cond_dim)
-    return datamodule, instantiate(cfg.model, net=net, data_shape=shape, cond_dim=datamodule.cond_dim)
+        encoder = build_obs_encoder(cfg, spec)
+        cond_dim = datamodule.cond_dim if encoder is None else encoder.out_dim
+        net = instantiate(cfg.net, data_shape=shape, cond_dim=cond_dim)
+    return datamodule, instantiate(cfg.model, net=net, data_shape=shape, cond_dim=cond_dim)
 
 
 @pytest.mark.parametrize("data", options("data"))
 def test_every_data_config_builds_a_datamodule_and_model(data, tmp_path):
-    cfg = compose_train([f"data={data}"], tmp_path)
+    extra = []
+    if data == "lerobot":  # a folder in LeRobot's layout; the config's defaults name LeRobot's Push-T features
+        pytest.importorskip("pyarrow")
+        pytest.importorskip("av")
+        from lerobot_layout import write_lerobot
+        from test_lerobot_data import episodes
+
+        extra = [f"data.root={write_lerobot(tmp_path / 'lerobot', episodes((20, 20)))}"]
+    cfg = compose_train([f"data={data}", *extra], tmp_path)
     datamodule, model = build(cfg)
     assert tuple(model.data_shape) == tuple(datamodule.data_shape)
     x = torch.zeros(2, *datamodule.data_shape)
-    cond = None if datamodule.cond_dim is None else torch.zeros(2, datamodule.cond_dim)
+    cond = None if model.cond_dim is None else torch.zeros(2, model.cond_dim)
     out = model.net(x, torch.zeros(2), cond)
     assert out.shape == x.shape
 
@@ -146,6 +157,12 @@ PAPER = {
         "model.num_timesteps": 100, "model.schedule": "cosine", "model.prediction": "eps", "model.optimizer._target_": "torch.optim.AdamW",
         "model.optimizer.lr": 1e-4, "model.optimizer.weight_decay": 1e-6, "data.horizon": 16, "data.n_obs_steps": 2,
         "data.n_action_steps": 8, "data.obs_keys": ["keypoint", "agent_pos"], "model.scheduler.warmup_steps": 500,
+    },
+    "pusht_image": {  # Chi et al. 2023 (image-based CNN): frames + agent_pos, ResNet-18 with GroupNorm, spatial softmax 32, 64 features, 84 crop
+        "model.num_timesteps": 100, "model.schedule": "cosine", "model.prediction": "eps", "model.optimizer.lr": 1e-4,
+        "data.horizon": 16, "data.n_obs_steps": 2, "data.n_action_steps": 8, "data.obs_keys": ["image", "agent_pos"],
+        "obs_encoder._target_": "lightning_modules.nets.obs_encoder.ObsEncoder", "obs_encoder.backbone": "resnet18",
+        "obs_encoder.crop": 84, "obs_encoder.num_kp": 32, "obs_encoder.feature_dim": 64,
     },
     "pusht_bc_mse": {"model.optimizer.lr": 1e-4, "model.optimizer.weight_decay": 1e-6, "data.horizon": 16, "data.n_obs_steps": 2},
     "pusht_consistency": {"model._target_": "lightning_modules.consistency_distillation.ConsistencyDistillation", "model.sample_steps": 1,
