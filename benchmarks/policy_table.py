@@ -15,7 +15,7 @@ thread), and the training budget (steps, wall seconds on this machine).
 
 Every run writes into benchmarks/runs/table_<data>[_e<episodes>][_paper]/<method>_s<seed>/ and is skipped when its
 final/metrics.json exists (a stopped run resumes from last.ckpt); every evaluation is skipped when its JSON exists.
-The table goes to benchmarks/runs/table_<data>...json and is printed.
+The table goes to benchmarks/runs/table_<data>...json and benchmarks/results/ (the copy to commit) and is printed.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "benchmarks" / "runs"
+RESULTS = ROOT / "benchmarks" / "results"
 
 # method: (label, train.py overrides on Push-T, on obstacle2d, the paper's widths (Push-T), published max / mean)
 METHODS = {
@@ -159,6 +160,9 @@ def main() -> None:
     out = RUNS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))
+    # beside the runs (which stay on this machine) a copy to commit: notebook 06 reads it
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2))
     print(f"{'method':42s} {'max':>6s} {'last10':>6s} {'200 seeds':>9s} {'success':>7s} {'NFE':>4s} {'ms/chunk':>8s} {'train s':>8s}  paper")
     for r in rows.values():
         paper = "/".join(f"{v:.2f}" for v in r["published_max_mean"]) if r["published_max_mean"] else "-"

@@ -350,23 +350,24 @@ print(table.group(0) if table else "(table not found in benchmarks/RESULTS.md)")
 # `benchmarks/policy_table.py` trains every policy method on the Push-T demonstrations (8000 steps each by
 # default), scores the EMA policy during training on the paper's 50 seeds (the max and the mean of the last
 # 10 evaluations, as the paper reports) and the last checkpoint on 200 other seeds, and writes
-# `benchmarks/runs/table_pusht*.json`. This cell reads those files and computes nothing.
+# `benchmarks/results/table_pusht*.json` (committed; a run on this machine also leaves them in `benchmarks/runs/`).
+# This cell reads those files and computes nothing.
 
 # %%
-bench_tables = sorted((ROOT / "benchmarks" / "runs").glob("table_pusht*.json"))
+bench_tables = sorted((ROOT / "benchmarks" / "results").glob("table_pusht*.json"))
 if not bench_tables:
-    print("No benchmarks/runs/table_pusht.json yet: the comparison is not measured on this machine. Produce it with\n"
+    print("No benchmarks/results/table_pusht*.json yet: the comparison is not measured on this machine. Produce it with\n"
           "  PUSHT_ZARR=<pusht_cchi_v7_replay.zarr> python benchmarks/policy_table.py\n"
           "(all six methods, several CPU-hours; --max-train-episodes 90 --seeds 0,1,2 for the paper's protocol).")
 for table_path in bench_tables:
     rows = json.loads(table_path.read_text())
     print(f"{table_path.relative_to(ROOT)} (mean max-reward; success on the 200 seeds):")
     print(f"{'method':40s} {'max':>6s} {'last10':>6s} {'200 seeds':>9s} {'success':>7s} {'NFE':>4s} {'ms/chunk':>8s} "
-          f"{'steps':>6s} {'seeds':>6s}  paper max/mean")
+          f"{'steps':>6s} {'seeds':>6s} {'demos':>5s}  paper max/mean")
     for r in rows.values():
         paper = "/".join(f"{v:.2f}" for v in r["published_max_mean"]) if r["published_max_mean"] else "-"
         print(f"{r['label']:40s} {r['max']:6.3f} {r['mean_last10']:6.3f} {r['wide_200_reward']:9.3f} {r['wide_200_success']:7.2f} "
-              f"{r['nfe']:>4} {1000 * r['latency_per_chunk_s']:8.1f} {r['max_steps']:6d} {len(r['seeds']):6d}  {paper}")
+              f"{r['nfe']:>4} {1000 * r['latency_per_chunk_s']:8.1f} {r['max_steps']:6d} {len(r['seeds']):6d} {str(r['train_episodes']):>5s}  {paper}")
 
 # %% [markdown]
 # In the benchmark's rows quoted from `RESULTS.md`, the diffusion policy beats behaviour cloning on the same
