@@ -107,7 +107,9 @@ def test_tiny_image_policy_trains_acts_in_pixels_and_reloads(tiny_zarr, tmp_path
     assert ckpt["difflab"]["obs_spec"]["image_shapes"] == {"image": [3, 96, 96]}
     assert ckpt["policy"]["image_shapes"] == {"image": [3, 96, 96]}
     encoder_keys = [k for k in ckpt["state_dict"] if k.startswith("obs_encoder.")]
-    assert encoder_keys  # the encoder trains with the method and is saved (as its EMA average) with it
+    assert encoder_keys  # the encoder trains with the method and is saved with it
+    raw = ckpt["current_model_state"]  # the raw weights beside the EMA average Lightning stores as state_dict
+    assert any(not torch.equal(ckpt["state_dict"][k], raw[k]) for k in encoder_keys)  # the encoder is averaged too
 
     policy, _ = load_policy(ckpt_path, seed=3)
     again, _ = load_policy(ckpt_path, seed=3)
