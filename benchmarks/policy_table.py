@@ -141,12 +141,14 @@ def main() -> None:
         for seed in policy_seeds:
             run_dir = RUNS / name / f"{method}_s{seed}"
             wall = train(run_dir, [*overrides, f"seed={seed}"])
-            history = [v for _, v in rollout_history(run_dir)]
+            curve = rollout_history(run_dir)
+            history = [v for _, v in curve]
             wide = evaluate(run_dir, "wide_200")
             per_seed.append({"max": max(history) if history else float("nan"), "mean_last10": mean(history[-10:]),
                              "evaluations": len(history), "wide_200_reward": wide["mean_max_reward"],
                              "wide_200_success": wide["success_rate"], "nfe": wide["nfe"],
                              "latency_per_chunk_s": wide["latency_per_chunk_s"], "train_wall_s": wall,
+                             "curve": [[int(step) + 1, round(float(v), 4)] for step, v in curve],  # the learning curve
                              **{k: wide[k] for k in ("route_left", "route_right") if k in wide}})
         rows[method] = {
             "label": label, "seeds": policy_seeds, "max_steps": max_steps, "eval_every": every,
