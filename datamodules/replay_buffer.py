@@ -7,14 +7,12 @@ layout, so one reader serves both.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from datamodules.base import check_finite
+from difflab.atomic_dir import atomic_dir
 from difflab.errors import DataError, MissingFileError
 
 
@@ -89,20 +87,12 @@ class ReplayBuffer:
         import zarr
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             zarr3 = hasattr(zarr, "create_array")
             root = zarr.open_group(str(tmp), mode="w", **({"zarr_format": 2} if zarr3 else {}))
             arrays = {f"data/{k}": np.ascontiguousarray(v) for k, v in self.data.items()} | {"meta/episode_ends": self.episode_ends}
             for name, value in arrays.items():
                 root.create_array(name, data=value) if zarr3 else root.array(name, value)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         return path
 
 

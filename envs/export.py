@@ -13,13 +13,11 @@ task). The folder is written next to its destination and renamed into place, so 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from difflab.atomic_dir import atomic_dir
 from difflab.errors import CheckpointError, MissingFileError
 
 FORMAT = "difflab-policy"
@@ -45,7 +43,6 @@ def export_policy(policy, folder: str | Path) -> Path:
     if not module.run_config:
         raise ValueError("the policy's model has no run config (it was not built by train.py or load_policy): nothing to rebuild it from")
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     config = {
         "format": FORMAT, "version": VERSION,
         "method": f"{type(module).__module__}.{type(module).__qualname__}",
@@ -56,17 +53,10 @@ def export_policy(policy, folder: str | Path) -> Path:
     }
     # safetensors refuses tensors that share memory: store independent contiguous copies
     weights = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         (tmp / "config.json").write_text(json.dumps(_to_json(config), indent=2))
         (tmp / "policy.json").write_text(json.dumps(_to_json(policy.spec()), indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return folder
 
 

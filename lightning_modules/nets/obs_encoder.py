@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from difflab.errors import ConfigError
+
 
 class SpatialSoftmax(nn.Module):
     """Expected image position of each of num_kp learned keypoint maps (Levine et al. 2016): (B, C, H, W) ->
@@ -90,7 +92,7 @@ class CameraEncoder(nn.Module):
         elif backbone == "conv":
             self.backbone, width = conv_backbone(tuple(int(c) for c in channels))
         else:
-            raise ValueError(f"obs_encoder.backbone={backbone!r}: use resnet18 (Diffusion Policy's) or conv (CPU-sized)")
+            raise ConfigError(f"obs_encoder.backbone={backbone!r}: use resnet18 (Diffusion Policy's) or conv (CPU-sized)")
         self.crop_size = int(crop_size)
         self.pool = SpatialSoftmax(width, num_kp)
         self.project = nn.Linear(2 * num_kp, feature_dim)
