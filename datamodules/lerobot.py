@@ -48,16 +48,13 @@ def read_info(root: Path) -> dict:
 
 def read_parquet_rows(files: list[Path]) -> dict[str, np.ndarray]:
     """Every column of the parquet files, concatenated, list columns as 2-D arrays."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not files:
         return {}
-    table = pq.read_table(files[0]) if len(files) == 1 else __import__("pyarrow").concat_tables([pq.read_table(f) for f in files])
-    out = {}
-    for name in table.column_names:
-        column = table.column(name).to_pylist()
-        out[name] = np.asarray(column)
-    return out
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    return {name: np.asarray(table.column(name).to_pylist()) for name in table.column_names}
 
 
 def decode_video(path: Path) -> tuple[np.ndarray, np.ndarray]:
