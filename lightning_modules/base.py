@@ -286,8 +286,11 @@ class DiffusionModule(pl.LightningModule):
         return self.obs_encoder(cond)
 
     def encoded(self, batch: dict) -> dict:
-        """The batch with its observation dict encoded (with gradients: the encoder trains with the method)."""
-        return {**batch, "cond": self.encode_cond(batch["cond"])} if isinstance(batch.get("cond"), dict) else batch
+        """The batch with its observation dict encoded (with gradients: the encoder trains with the method); the
+        dict itself stays under "obs" for whatever has its own encoder (a distillation teacher)."""
+        if not isinstance(batch.get("cond"), dict):
+            return batch
+        return {**batch, "cond": self.encode_cond(batch["cond"]), "obs": batch["cond"]}
 
     def check_cond(self, cond, num_samples: int):
         """The flat cond, checked; an observation dict is encoded first (every method's loss and sampler call this)."""

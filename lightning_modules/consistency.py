@@ -282,6 +282,14 @@ class ConsistencyModel(DiffusionModule):
             same = mine.keys() == theirs.keys() and all(mine[k].shape == theirs[k].shape for k in mine)
         if not same:
             return "its net settings differ from the student's (net.*)"
+        # with camera images the net reads the encoder's features, so the encoder comes along or nothing does
+        mine_enc, their_enc = self.obs_encoder, getattr(source.module, "obs_encoder", None)
+        if (mine_enc is None) != (their_enc is None):
+            return "it sees camera images and the student does not" if mine_enc is None else "the student sees camera images and it does not"
+        if mine_enc is not None:
+            mine, theirs = mine_enc.state_dict(), their_enc.state_dict()
+            if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+                return "its observation encoder differs from the student's (obs_encoder.*)"
         if float(source.module.sigma_data) != self.sigma_data:
             return f"its sigma_data={source.module.sigma_data} differs from model.sigma_data={self.sigma_data}"
         return None
@@ -292,6 +300,8 @@ class ConsistencyModel(DiffusionModule):
         self.net.load_state_dict(state)
         if self.target_net is not None:
             self.target_net.load_state_dict(state)
+        if self.obs_encoder is not None:
+            self.obs_encoder.load_state_dict(source.module.obs_encoder.state_dict())
         rank_zero_info(f"warm start: the student starts from the net of {source.path}")
 
     # --- the loss ------------------------------------------------------------------------------
@@ -308,7 +318,8 @@ class ConsistencyModel(DiffusionModule):
         sigma_lo, sigma_hi = self.pair(x0.shape[0], x0.device, generator)
         z = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_hi = x0 + sigma_hi.to(x0.dtype).reshape(shape) * z
-        x_lo, weight = self.lower_point(x0, x_hi, z, sigma_hi, sigma_lo, cond)
+        # the lower point may come from a teacher, which reads the raw observation through its own encoder
+        x_lo, weight = self.lower_point(x0, x_hi, z, sigma_hi, sigma_lo, batch.get("obs", cond))
         # With dropout, f and f^- see the same mask (the RNG is replayed), so their gap measures consistency only.
         devices = [x0.device.index or 0] if x0.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=self.has_dropout, device_type="cuda"):

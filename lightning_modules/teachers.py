@@ -13,6 +13,8 @@ averages it.
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Callable
 
@@ -105,7 +107,9 @@ class ModuleTeacher(Teacher):
         self.kind = kind
 
     def denoise(self, x, sigma, cond=None):
-        return self.module.denoise(x, _batch_sigma(sigma, x), cond)
+        # An observation dict (camera images) goes through the TEACHER's own encoder, trained with its net: the
+        # student's encoding of the same pictures would mean nothing to it.
+        return self.module.denoise(x, _batch_sigma(sigma, x), self.module.encode_cond(cond))
 
 
 def teacher_from_module(module, path: str | None = None, config: dict | None = None) -> Teacher:
@@ -135,8 +139,9 @@ def method_name(model_cfg: dict) -> str:
     }.get(".".join(target.split(".")[-2:]), target or "unknown")
 
 
-def load_teacher(path: str | Path, data_shape, cond_dim: int | None = None, map_location="cpu") -> Teacher:
-    """The teacher in checkpoint `path` (EMA weights), checked against the student's data_shape and cond_dim."""
+def load_teacher(path: str | Path, data_shape, cond_dim: int | None = None, map_location="cpu", obs_spec: dict | None = None) -> Teacher:
+    """The teacher in checkpoint `path` (EMA weights), checked against the student's data_shape, cond_dim and
+    observations (`obs_spec`: the camera keys and sizes the datamodule gives, None for state-only data)."""
     from lightning_modules.checkpoint import load_module, read_checkpoint
 
     ckpt = read_checkpoint(path)  # refuses files not written by this project's train.py
@@ -149,8 +154,18 @@ def load_teacher(path: str | Path, data_shape, cond_dim: int | None = None, map_
     want, have = tuple(int(d) for d in data_shape), tuple(int(d) for d in meta["data_shape"])
     if want != have:
         raise ConfigError(f"teacher {path} was trained on data of shape {have}, the student's data have shape {want}: use a teacher trained on the same data")
+    theirs = meta.get("obs_spec")
+    if _plain(theirs) != _plain(obs_spec):
+        seen = lambda spec: f"camera images {spec['image_shapes']}, {spec['n_obs_steps']} observation steps" if spec else "the state only"  # noqa: E731
+        raise ConfigError(f"teacher {path} saw {seen(theirs)}, the student's data give {seen(obs_spec)}: use a teacher trained on "
+                          "the same observations (data.obs_keys, data.n_obs_steps)")
     if cond_dim != meta["cond_dim"]:
         raise ConfigError(f"teacher {path} has cond_dim={meta['cond_dim']}, the student's data have cond_dim={cond_dim}: use a teacher trained on the same data")
     del ckpt
     module, _ = load_module(path, map_location=map_location)
     return teacher_from_module(module, str(path), meta["config"])
+
+
+def _plain(spec):
+    """An obs_spec as plain JSON types, so tuples from a datamodule compare equal to lists from a checkpoint."""
+    return json.loads(json.dumps(spec))

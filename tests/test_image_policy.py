@@ -167,3 +167,73 @@ def test_every_method_sees_through_the_encoder(method, tiny_zarr, tmp_path):
     cond = {k: v[:3] for k, v in batch["cond"].items()}
     x = module.sample(3, cond=cond, **module.quick_sampling)
     assert x.shape == (3, *dm.data_shape) and torch.isfinite(x).all()
+
+
+def _image_module(model, tiny_zarr, tmp_path, seed):
+    from hydra.utils import instantiate
+
+    from lightning_modules.checkpoint import build_model
+    from test_policy import compose_policy
+
+    cfg = compose_policy(["data=pusht", f"model={model}", "net=unet1d_tiny", "obs_encoder=conv_small", f"data.path={tiny_zarr}",
+                          "data.obs_keys=[image,agent_pos]", "data.batch_size=8"], tmp_path)
+    dm = instantiate(cfg.data)
+    dm.setup()
+    torch.manual_seed(seed)
+    return cfg, dm, build_model(cfg, dm.data_shape, dm.cond_dim, dm.obs_spec)
+
+
+def test_distillation_teacher_sees_the_pictures_through_its_own_encoder(tiny_zarr, tmp_path):
+    from lightning_modules.teachers import teacher_from_module
+
+    _, dm, student = _image_module("consistency", tiny_zarr, tmp_path, seed=0)
+    _, _, edm = _image_module("edm", tiny_zarr, tmp_path, seed=1)
+    with torch.no_grad():  # off the init, where a zero-initialised conditioning layer would ignore any features
+        for p in edm.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    teacher = teacher_from_module(edm)
+    # an EDM teacher with the student's net warm-starts it, encoder included (the net reads the encoder's features)
+    assert student.warm_start_refusal(teacher) is None
+    student.warm_start_from(teacher)
+    for key, value in edm.obs_encoder.state_dict().items():
+        torch.testing.assert_close(student.obs_encoder.state_dict()[key], value, rtol=0, atol=0)
+    with torch.no_grad():  # then the two encoders part, as they do once the student trains
+        for p in student.obs_encoder.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+    batch = dm.dataset("train").__getitems__(list(range(0, 80, 10)))
+    seen = []
+    denoise = teacher.denoise
+    teacher.denoise = lambda x, s, cond=None: seen.append(cond) or denoise(x, s, cond)
+    student.attach_teacher(teacher)
+    loss = student.loss(student.encoded(batch))
+    assert torch.isfinite(loss) and seen
+    assert all(isinstance(c, dict) and c["image"] is batch["cond"]["image"] for c in seen)  # the raw frames, not the student's features
+
+    obs = {k: v[:4] for k, v in batch["cond"].items()}
+    x, sigma = torch.randn(4, *dm.data_shape), torch.full((4,), 0.5)
+    with torch.no_grad():
+        got = denoise(x, sigma, obs)
+        own = edm.denoise(x, sigma, edm.obs_encoder(obs))
+        students = edm.denoise(x, sigma, student.obs_encoder.eval()(obs))
+    torch.testing.assert_close(got, own)
+    assert (got - students).abs().max() > 1e-4  # the student's features would have given another answer
+
+
+def test_teacher_with_other_observations_is_refused(tiny_zarr, tmp_path):
+    from omegaconf import OmegaConf
+
+    from difflab.errors import ConfigError
+    from lightning_modules.teachers import load_teacher
+
+    cfg, dm, edm = _image_module("edm", tiny_zarr, tmp_path, seed=0)
+    meta = {"config": OmegaConf.to_container(cfg, resolve=True), "data_shape": list(dm.data_shape), "cond_dim": edm.cond_dim,
+            "obs_spec": dm.obs_spec, "method": "edm"}
+    torch.save({"difflab": meta, "state_dict": edm.state_dict()}, tmp_path / "edm.ckpt")
+    teacher = load_teacher(tmp_path / "edm.ckpt", dm.data_shape, edm.cond_dim, obs_spec=dm.obs_spec)
+    assert teacher.module.obs_encoder is not None
+    with pytest.raises(ConfigError, match="camera images .* the state only"):
+        load_teacher(tmp_path / "edm.ckpt", dm.data_shape, dm.cond_dim, obs_spec=None)  # the state-only student's cond
+    other = {**dm.obs_spec, "n_obs_steps": dm.obs_spec["n_obs_steps"] + 1}
+    with pytest.raises(ConfigError, match="observation steps"):
+        load_teacher(tmp_path / "edm.ckpt", dm.data_shape, edm.cond_dim, obs_spec=other)
