@@ -15,7 +15,9 @@ thread), and the training budget (steps, wall seconds on this machine).
 
 Every run writes into benchmarks/runs/table_<data>[_e<episodes>][_paper]/<method>_s<seed>/ and is skipped when its
 final/metrics.json exists (a stopped run resumes from last.ckpt); every evaluation is skipped when its JSON exists.
-The table goes to benchmarks/runs/table_<data>...json and benchmarks/results/ (the copy to commit) and is printed.
+The table goes to benchmarks/runs/table_<data>...json and benchmarks/results/ (the copy to commit) and is printed;
+rows already in benchmarks/results/ for methods not run this time are kept, so a table fills one method (and one
+--max-steps) at a time.
 """
 
 from __future__ import annotations
@@ -159,6 +161,10 @@ def main() -> None:
             "nfe": per_seed[0]["nfe"], "per_seed": per_seed,
             **{k: mean([s[k] for s in per_seed]) for k in ("route_left", "route_right") if k in per_seed[0]},
         }
+    # rows of methods not run this time stay (each row names its own max_steps): one method at a time fills a table
+    kept = RESULTS / f"{name}.json"
+    rows = {**({k: v for k, v in json.loads(kept.read_text()).items() if k not in rows} if kept.exists() else {}), **rows}
+    rows = {m: rows[m] for m in METHODS if m in rows}
     out = RUNS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))
