@@ -48,7 +48,7 @@ def export_policy(policy, folder: str | Path) -> Path:
         "method": f"{type(module).__module__}.{type(module).__qualname__}",
         # what build_model reads, resolved (no interpolation left to the training config)
         "build": {k: module.run_config.get(k) for k in ("model", "net", "obs_encoder")},
-        "data_shape": list(module.data_shape), "cond_dim": module.cond_dim, "obs_spec": getattr(module, "obs_spec", None),
+        "data_shape": list(module.data_shape), "cond_dim": module.cond_dim, "obs_spec": module.obs_spec,
         "sampler": policy.sampler, "steps": policy.steps, "sample_kwargs": policy.sample_kwargs, "seed": policy.seed,
     }
     # safetensors refuses tensors that share memory: store independent contiguous copies

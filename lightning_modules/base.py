@@ -65,6 +65,7 @@ class DiffusionModule(pl.LightningModule):
         # Set by build_model for image observations (lightning_modules.nets.obs_encoder): it turns the observation dict
         # of a batch into the flat cond, trained end to end with the method, so no method needs to know about pixels.
         self.obs_encoder: nn.Module | None = None
+        self.obs_spec: dict | None = None  # what rebuilds obs_encoder (the datamodule's obs_spec), saved in checkpoints
 
     # --- what a method provides -------------------------------------------------------------
     def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -386,7 +387,7 @@ class DiffusionModule(pl.LightningModule):
             "data_shape": list(self.data_shape),
             "cond_dim": self.cond_dim,
             # camera images: what build_model needs to rebuild the observation encoder (None for state-only data)
-            "obs_spec": getattr(self, "obs_spec", None),
+            "obs_spec": self.obs_spec,
             "method": f"{type(self).__module__}.{type(self).__qualname__}",
         }
         # A policy's normalizers, observation keys and task travel with the weights, so the checkpoint acts alone.

@@ -56,6 +56,12 @@ HUBER_C = 0.00054  # iCT: c = 0.00054 sqrt(d)
 # --- pieces that are plain functions (tested on closed forms) -------------------------------------
 
 
+def _same_shapes(a: nn.Module, b: nn.Module) -> bool:
+    """The two modules hold the same tensors by name and shape (one's weights load into the other)."""
+    mine, theirs = a.state_dict(), b.state_dict()
+    return mine.keys() == theirs.keys() and all(mine[k].shape == theirs[k].shape for k in mine)
+
+
 class ConsistencyPrecond(EDMPrecond):
     """EDM's wrapper with the boundary-condition coefficients: f(x, sigma_min) = x for any net."""
 
@@ -278,18 +284,15 @@ class ConsistencyModel(DiffusionModule):
             as_dict = lambda c: OmegaConf.to_container(OmegaConf.create(c), resolve=True)  # noqa: E731
             same = as_dict(student_cfg) == as_dict(source_cfg)
         else:
-            mine, theirs = self.net.state_dict(), source.module.net.state_dict()
-            same = mine.keys() == theirs.keys() and all(mine[k].shape == theirs[k].shape for k in mine)
+            same = _same_shapes(self.net, source.module.net)
         if not same:
             return "its net settings differ from the student's (net.*)"
         # with camera images the net reads the encoder's features, so the encoder comes along or nothing does
         mine_enc, their_enc = self.obs_encoder, getattr(source.module, "obs_encoder", None)
         if (mine_enc is None) != (their_enc is None):
             return "it sees camera images and the student does not" if mine_enc is None else "the student sees camera images and it does not"
-        if mine_enc is not None:
-            mine, theirs = mine_enc.state_dict(), their_enc.state_dict()
-            if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
-                return "its observation encoder differs from the student's (obs_encoder.*)"
+        if mine_enc is not None and not _same_shapes(mine_enc, their_enc):
+            return "its observation encoder differs from the student's (obs_encoder.*)"
         if float(source.module.sigma_data) != self.sigma_data:
             return f"its sigma_data={source.module.sigma_data} differs from model.sigma_data={self.sigma_data}"
         return None

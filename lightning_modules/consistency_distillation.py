@@ -88,7 +88,7 @@ class ConsistencyDistillation(ConsistencyModel):
                     "model=edm, vesde, vpsde, subvpsde, ddpm, ncsn or flow_matching written by train.py on the same data), "
                     "or use model=consistency_training (no teacher)"
                 )
-            self.attach_teacher(load_teacher(self.teacher_ckpt, self.data_shape, self.cond_dim, obs_spec=getattr(self, "obs_spec", None)))
+            self.attach_teacher(load_teacher(self.teacher_ckpt, self.data_shape, self.cond_dim, obs_spec=self.obs_spec))
             teacher = self.__dict__["_teacher"]
         return teacher
 

@@ -88,7 +88,7 @@ class ConsistencyTuning(ConsistencyTraining):
             raise ConfigError("consistency tuning (model=consistency_tuning) starts from a pretrained model: pass "
                               "model.init_ckpt=PATH (a .ckpt of model=edm with the same net.*, written by train.py on the "
                               "same data), or use model=consistency_training to train from scratch")
-        source = load_teacher(self.init_ckpt, self.data_shape, self.cond_dim, obs_spec=getattr(self, "obs_spec", None))
+        source = load_teacher(self.init_ckpt, self.data_shape, self.cond_dim, obs_spec=self.obs_spec)
         why = self.warm_start_refusal(source)
         if why is not None:
             raise ConfigError(f"model.init_ckpt={self.init_ckpt} cannot start consistency tuning: {why}; use a "

@@ -14,7 +14,6 @@ averages it.
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 from typing import Callable
 
