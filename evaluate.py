@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from difflab.cli import entry_keys, one_line_errors, writable_dir
 from difflab.config_checks import check_config, check_known_keys
-from difflab.errors import ConfigError
+from difflab.errors import SAMPLER_DIVERGED, ConfigError, require_finite
 from lightning_modules.checkpoint import instantiate_datamodule, load_module, sampling_options, sampling_tag
 
 DEFAULT_NUM_SAMPLES = {"fid": 50_000, "bpd": 512}
@@ -139,6 +139,7 @@ def main(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     x, nfe = module.sample_many(num_samples, cfg.batch_size, generator, progress=cfg.progress, return_nfe=True, **kwargs)
     seconds = time.perf_counter() - start
+    require_finite(x, f"the samples of sampler={sampler}", SAMPLER_DIVERGED)
     value = float(metric(x))
     result = {
         "checkpoint": str(cfg.ckpt_path),
@@ -214,6 +215,7 @@ def evaluate_policy_checkpoint(cfg: DictConfig, device: str) -> dict:
 
 
 def write_result(cfg: DictConfig, result: dict) -> dict:
+    require_finite(result["value"], f"the figure {result['metric']}", SAMPLER_DIVERGED)
     name = f"{result['metric']}_{str(result['sampler']).split()[0]}_{result['nfe']:.0f}nfe{sampling_tag(cfg)}.json"
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / name
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from difflab.pictures import save_png
 from difflab.checkpoint_io import SafeCheckpointIO
 from difflab.cli import one_line_errors, print_error, resume_command
 from difflab.config_checks import check_config
-from difflab.errors import MissingFileError
+from difflab.errors import SAMPLER_DIVERGED, MissingFileError, require_finite
 from lightning_modules.checkpoint import build_model, check_compatible, read_checkpoint
 
 log = logging.getLogger("train")
@@ -102,6 +102,9 @@ def final_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Trainer, o
     generator = torch.Generator(device=module.device).manual_seed(cfg.final_eval.seed)
     x, nfe = module.sample_many(num_samples, 1024, generator, sampler=sampler, steps=steps, return_nfe=True)
     seconds = time.perf_counter() - start
+    kept = (f"the run's checkpoints are kept; {SAMPLER_DIVERGED}, e.g. with "
+            f"python evaluate.py ckpt_path={getattr(trainer.checkpoint_callback, 'last_model_path', '') or '<run>/checkpoints/last.ckpt'}")
+    require_finite(x, f"the final samples (sampler={sampler or module.sampler})", kept)
     out_dir.mkdir(parents=True, exist_ok=True)
     image = datamodule.render(x[:64] if datamodule.data_kind == "image" else x)
     png = save_png(image, out_dir / "samples.png")
@@ -124,6 +127,7 @@ def final_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Trainer, o
     if metric is not None:
         result["metric"] = metric.name
         result["value"] = float(metric(x))
+        require_finite(result["value"], f"the final {metric.name}", kept)
         result["floor"] = float(metric.floor(x.shape[0]))
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     log_image(trainer, "final/samples", image, trainer.global_step)
@@ -159,7 +163,7 @@ def main(cfg: DictConfig) -> dict | None:
     start = time.perf_counter()
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    except SIGTERMException:  # Lightning's own stop at an epoch end after SIGTERM; the checkpoint callback saved first
+    except SIGTERMException:  # Lightning's own stop after SIGTERM; the checkpoint callback saved in its on_exception
         pass
     train_seconds = time.perf_counter() - start
     ckpt_cb = trainer.checkpoint_callback
@@ -198,12 +202,15 @@ def stop_after_interrupt(ckpt_cb, trainer: pl.Trainer) -> None:
     """After Ctrl-C or SIGTERM: say where the checkpoint is and how to resume; exit 130 (SIGINT) or 143 (SIGTERM)."""
     code = 143 if ckpt_cb.interrupted == "SIGTERM" else 130
     if trainer.is_global_zero:
-        if ckpt_cb.interrupt_path:
-            print(f"\nInterrupted ({ckpt_cb.interrupted}) at step {trainer.global_step}; saved {ckpt_cb.interrupt_path}\n"
-                  f"Resume with:  {resume_command(ckpt_cb.interrupt_path, trainer.default_root_dir)}", file=sys.stderr, flush=True)
-        else:
+        saved = ckpt_cb.interrupt_path or ckpt_cb.last_model_path
+        if saved and Path(saved).is_file():
+            print(f"\nInterrupted ({ckpt_cb.interrupted}) at step {trainer.global_step}; saved {saved}\n"
+                  f"Resume with:  {resume_command(saved, trainer.default_root_dir)}", file=sys.stderr, flush=True)
+        elif trainer.fast_dev_run or not ckpt_cb.save_last:
             print_error(f"interrupted ({ckpt_cb.interrupted}) at step {trainer.global_step}; no checkpoint was saved "
-                        "(checkpoints are off under fast_dev_run or without save_last)")
+                        f"({'fast_dev_run writes none' if trainer.fast_dev_run else 'callbacks.model_checkpoint.save_last is off'})")
+        else:
+            print_error(f"interrupted ({ckpt_cb.interrupted}) at step {trainer.global_step}, before any checkpoint was written")
     sys.exit(code)
 
 

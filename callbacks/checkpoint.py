@@ -14,6 +14,11 @@ never appears in a whole run is reported at its end.
 On SIGINT or SIGTERM the current optimizer step is finished (a step cut in half would leave half-updated
 weights), last.ckpt is written at that step boundary and the run stops; train.py then prints the resume
 command. A second Ctrl-C stops at once without saving. Under DDP the ranks agree at the next logging step.
+A signal during a validation: SIGINT lets it finish and saves at its end; SIGTERM (a scheduler's, with a
+grace period) is stopped by Lightning between validation batches, and the checkpoint is written then, at the
+step the validation followed, with the raw weights swapped back from the EMA ones the validation was using.
+Resuming from it goes on with the next step exactly as the uninterrupted run (validations draw from their own
+seeded generators, so no training stream moves); the cut validation's figures are not redone.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import threading
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from difflab.checkpoint_io import remove_stale_temp_files
 from difflab.cli import writable_dir
@@ -59,13 +65,29 @@ class Checkpoint(ModelCheckpoint):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()  # teardown hooks do not run after an exception
+        if isinstance(exception, SIGTERMException) and self.interrupted is not None:
+            self._save_for_interrupt(trainer)  # Lightning stopped a validation between its batches
         super().on_exception(trainer, pl_module, exception)
+
+    def _save_for_interrupt(self, trainer: pl.Trainer) -> None:
+        """last.ckpt at the current step (once), remembered as the checkpoint that the resume line names."""
+        if trainer.fast_dev_run or not self.save_last or trainer.sanity_checking:
+            return
+        if self.interrupt_path is None:
+            for callback in trainer.callbacks:  # mid-validation the module holds the EMA weights: put the raw back
+                if getattr(callback, "swapped_in", False):
+                    callback._swap_models(trainer.lightning_module)
+            if self._last_global_step_saved != trainer.global_step or not self.last_model_path:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self.interrupt_path = self.last_model_path
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # last.ckpt is the end of training, also when the last steps came after the last validation (Lightning
         # writes it here only if no checkpoint was written at all, and even under fast_dev_run).
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.interrupted is not None:  # the signal came as training ended: this is the checkpoint to resume
+            self._save_for_interrupt(trainer)
 
     # --- interrupts ---------------------------------------------------------------------------------------
     def _install_handlers(self) -> None:
@@ -106,9 +128,7 @@ class Checkpoint(ModelCheckpoint):
         if not interrupted or trainer.fit_loop._should_accumulate():
             return
         self.interrupted = self.interrupted or "SIGTERM"
-        if not trainer.fast_dev_run and self.save_last:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            self.interrupt_path = self.last_model_path
+        self._save_for_interrupt(trainer)
         trainer.should_stop = True
 
     # --- best and last --------------------------------------------------------------------------------------
@@ -117,6 +137,9 @@ class Checkpoint(ModelCheckpoint):
         # Skipped when the parent already saved at this step (a new best, and last with it).
         if self.save_last and not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.interrupted is not None and not trainer.sanity_checking:  # a signal arrived during this validation
+            self._save_for_interrupt(trainer)
+            trainer.should_stop = True
 
     def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
         if self.monitor is not None and self.monitor not in monitor_candidates:

@@ -38,7 +38,13 @@ def read_info(root: Path) -> dict:
     path = root / "meta" / "info.json"
     if not path.is_file():
         raise MissingFileError(f"{root} is not a LeRobotDataset: {path} does not exist. {HINT}")
-    info = json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not valid JSON ({err}): it may be cut short by an interrupted download or copy; "
+                        "download the dataset again") from None
+    if not isinstance(info, dict) or not isinstance(info.get("features"), dict):
+        raise DataError(f"{path} has no 'features' table: it is not a LeRobotDataset's info.json; download the dataset again")
     version = str(info.get("codebase_version", "?"))
     if not version.startswith("v3"):
         raise DataError(f"{root} is a LeRobotDataset {version}; this reader reads the v3.0 layout "
@@ -82,11 +88,19 @@ class LeRobotDataModule(TrajectoryDataModule):
         if normalizer not in ("fit", "stats"):
             raise ConfigError(f"data.normalizer={normalizer!r}: use fit (min/max of the training episodes) or stats (meta/stats.json)")
         self.normalizer = normalizer
-        features = self.info.get("features", {})
-        missing = [f for f in (*self.keys.values(), action_key) if f not in features]
+        features = self.info["features"]
+        have = sorted(k for k in features if k not in ('timestamp', 'frame_index', 'episode_index', 'index', 'task_index'))
+        if action_key not in features:
+            raise ConfigError(f"data.action_key={action_key} is not a feature of {self.root}; its features are {have}")
+        missing = [f for f in self.keys.values() if f not in features]
         if missing:
-            raise ConfigError(f"data.keys names features {missing} that {self.root} does not have; its features are "
-                              f"{sorted(k for k in features if k not in ('timestamp', 'frame_index', 'episode_index', 'index', 'task_index'))}")
+            raise ConfigError(f"data.keys names features {missing} that {self.root} does not have; its features are {have}")
+        for feature in (*self.keys.values(), action_key):
+            spec = features[feature]
+            if not isinstance(spec, dict) or "shape" not in spec or "dtype" not in spec:
+                raise DataError(f"{self.root / 'meta' / 'info.json'}: feature {feature!r} has no "
+                                f"{'shape' if isinstance(spec, dict) and 'dtype' in spec else 'dtype or shape'}; every "
+                                "feature of a LeRobotDataset's info.json has both: download the dataset again")
         self.env_obs_dims, self.env_image_shapes = {}, {}
         for name, feature in self.keys.items():
             spec = features[feature]

@@ -15,6 +15,7 @@ import torch
 
 from datamodules.replay_buffer import ReplayBuffer
 from datamodules.trajectories import TrajectoryDataModule
+from difflab.errors import DataError
 
 DOWNLOAD_HINT = (
     "Get the Push-T demonstrations from the Diffusion Policy project "
@@ -31,12 +32,17 @@ def read_frames(path: Path, key: str = "img") -> torch.Tensor:
     """The zarr's (N, H, W, 3) frames as uint8 (N, 3, H, W), converted chunk by chunk."""
     import zarr
 
-    array = zarr.open_group(str(path), mode="r")["data"][key]
+    data = zarr.open_group(str(path), mode="r")["data"]
+    if key not in data:
+        raise DataError(f"{path} has no camera frames (data/{key}); its keys are {sorted(data.array_keys())}. An image "
+                        "experiment needs Diffusion Policy's pusht_cchi_v7_replay.zarr with its img array, or pass "
+                        "data.obs_keys without image for a state policy")
+    array = data[key]
     out = torch.empty((array.shape[0], array.shape[3], array.shape[1], array.shape[2]), dtype=torch.uint8)
     for start in range(0, array.shape[0], IMAGE_CHUNK):
         block = np.asarray(array[start : start + IMAGE_CHUNK])
         if not np.isfinite(block).all() or block.min() < 0 or block.max() > 255:
-            raise ValueError(f"{path}: data/{key} rows {start}.. are not pixel values in 0..255")
+            raise DataError(f"{path}: data/{key} rows {start}.. are not pixel values in 0..255")
         out[start : start + len(block)] = torch.from_numpy(np.rint(block).astype(np.uint8)).permute(0, 3, 1, 2)
     return out
 

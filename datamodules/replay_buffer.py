@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.base import check_finite
 from difflab.atomic_dir import atomic_dir
 from difflab.errors import DataError, MissingFileError
 
@@ -74,9 +73,7 @@ class ReplayBuffer:
         missing = [k for k in keys if k not in have]
         if missing:
             raise DataError(f"{path} has no data/{missing[0]}; its keys are {have}")
-        data = {k: np.asarray(root["data"][k][:]) for k in keys}
-        for key, value in data.items():
-            check_finite(f"data/{key}", value.reshape(len(value), -1) if value.ndim else value, f"{path}: ")
+        data = {k: np.asarray(root["data"][k][:]) for k in keys}  # finite values: TrajectoryDataModule.buffer checks
         try:
             return cls(data, np.asarray(root["meta"]["episode_ends"][:]))
         except ValueError as err:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.base import ArrayDataModule
+from datamodules.base import ArrayDataModule, check_finite
 from difflab.normalizer import MinMaxNormalizer
 from datamodules.replay_buffer import ReplayBuffer, split_episodes, window_indices
 from difflab.errors import ConfigError
@@ -78,6 +78,11 @@ class TrajectoryDataModule(ArrayDataModule):
         self._episodes: dict[str, np.ndarray] = {}
 
     # --- what a task provides -----------------------------------------------------------------
+    @property
+    def source(self) -> str:
+        """Where the demonstrations come from, for messages (a path, or the generator's name)."""
+        return str(getattr(self, "path", None) or getattr(self, "root", None) or type(self).__name__)
+
     def load_buffer(self) -> ReplayBuffer:
         raise NotImplementedError
 
@@ -99,7 +104,10 @@ class TrajectoryDataModule(ArrayDataModule):
     # --- windows ------------------------------------------------------------------------------
     def buffer(self) -> ReplayBuffer:
         if self._buffer is None:
-            self._buffer = self.load_buffer()
+            buffer = self.load_buffer()
+            for key, value in buffer.data.items():  # every source passes here: zarr, LeRobot, generated demos
+                check_finite(f"data/{key}", value.reshape(len(value), -1) if value.ndim else value, f"{self.source}: ")
+            self._buffer = buffer
             train, val = split_episodes(self._buffer.num_episodes, self.val_fraction, self.split_seed)
             if self.max_train_episodes is not None and len(train) > self.max_train_episodes:
                 # Diffusion Policy's max_train_episodes: a seeded subset of the training episodes, the

@@ -40,9 +40,11 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise CheckpointError(f"could not write the checkpoint {path}: {err.strerror or err}; "
-                                  "free disk space or point paths.log_dir (or hydra.run.dir) at a writable place") from err
+        cause = write_failure(err)
+        if cause is not None:
+            raise CheckpointError(f"could not write the checkpoint {path}: {cause}; the previous {path.name} (if any) is "
+                                  "whole. Free disk space or point paths.log_dir (or hydra.run.dir) at a writable place, "
+                                  "then resume from it") from None
         raise
     try:
         fd = os.open(path.parent, os.O_RDONLY)
@@ -55,6 +57,20 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     finally:
         os.close(fd)
     return path
+
+
+def write_failure(err: BaseException) -> str | None:
+    """Why a save failed, when it failed writing: an OSError, or torch's zip writer's RuntimeError ("[enforce fail
+    at inline_container.cc] unexpected pos"), into which torch turns the ENOSPC of a full disk."""
+    seen, exc = set(), err
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return f"{exc.strerror or exc} (errno {exc.errno})" if exc.errno else str(exc)
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    if isinstance(err, RuntimeError) and "inline_container" in str(err):
+        return "the file could not be written to the end (a full disk, or a quota)"
+    return None
 
 
 def remove_stale_temp_files(directory: str | Path) -> list[Path]:

@@ -50,3 +50,28 @@ def user_error(exc: BaseException | None) -> DifflabError | None:
         seen.add(id(exc))
         exc = exc.__cause__
     return None
+
+
+class NonFiniteResult(DifflabError, FloatingPointError):
+    """Samples or a figure came out NaN or inf: an error, never a result (nothing is written for it)."""
+
+    exit_code = 1
+
+
+SAMPLER_DIVERGED = ("the sampler diverged on this checkpoint: try another sampler= or more steps=, or a smaller step option "
+                    "(step_lr=, step_size=, snr=)")
+
+
+def require_finite(x, what: str, fix: str) -> None:
+    """Raise NonFiniteResult when the tensor (or float) `x` holds NaN or inf; `what` names it, `fix` says what to do."""
+    import math
+
+    import torch
+
+    if torch.is_tensor(x):
+        bad = x.numel() - int(torch.isfinite(x).sum()) if x.numel() else 0
+        if bad:
+            rows = int((~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).sum()) if x.ndim > 1 else bad
+            raise NonFiniteResult(f"{what}: {rows} of {x.shape[0]} are NaN or inf, so nothing was written for them; {fix}")
+    elif x is not None and not math.isfinite(float(x)):
+        raise NonFiniteResult(f"{what} is {float(x)}, so nothing was written for it; {fix}")

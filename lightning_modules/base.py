@@ -23,6 +23,10 @@ from samplers.likelihood import dequantize, log_likelihood
 
 VAL_SEED = 12345  # validation noise is fixed so val/loss is comparable across steps
 
+# NCSN's annealed Langevin: eps / sigma_L^2 = 2e-5 / 0.01^2 (Song & Ermon 2019)
+LANGEVIN_RATIO = 0.2
+
+
 class DiffusionModule(pl.LightningModule):
     """A method: a loss, and for sampling a VE-form denoiser with its noise range, native grid and defaults.
 
@@ -176,7 +180,21 @@ class DiffusionModule(pl.LightningModule):
         sampler = self.check_sampling(sampler, steps=steps, **options)
         given = {k: v for k, v in options.items() if v is not None}
         opts = {**self.sampling_defaults(sampler), **given, "_steps": int(self.sample_steps if steps is None else steps)}
-        return sampler, opts, self.grid(sampler, opts["_steps"], opts)
+        sigmas = self.grid(sampler, opts["_steps"], opts)
+        if sampler == "annealed_langevin":
+            self._langevin_step(opts, sigmas)
+        return sampler, opts, sigmas
+
+    def _langevin_step(self, opts: dict, sigmas: torch.Tensor) -> None:
+        """Annealed Langevin's alpha_i = eps sigma_i^2 / sigma_L^2 contracts a level's Gaussian only while
+        eps / sigma_L^2 < 2. NCSN's own eps (2e-5 at sigma_L = 0.01, a ratio of 0.2) is the default; on another
+        method's levels (EDM's sigma_L = 0.002) the same ratio is kept, and an eps past the bound is refused."""
+        lowest = float(sigmas[sigmas > 0].min())
+        opts.setdefault("step_lr", LANGEVIN_RATIO * lowest**2)
+        if opts["step_lr"] / lowest**2 >= 2.0:
+            raise ConfigError(f"step_lr={opts['step_lr']:g} diverges on {type(self).__name__}'s lowest level sigma={lowest:g}: "
+                              f"annealed Langevin needs step_lr < 2 * sigma_min^2 = {2 * lowest**2:.3g}; use step_lr="
+                              f"{LANGEVIN_RATIO * lowest**2:.3g} (NCSN's ratio) or leave it unset")
 
     def nfe(self, sampler: str | None = None, steps: int | None = None, **options) -> int | None:
         """Network evaluations per sample for a sampler setting (None for an adaptive solver: sample(...,

@@ -115,6 +115,46 @@ def _data_name(config) -> str:
     return target.replace("DataModule", "").lower() or "?"
 
 
+# model.* settings a resumed run may change: how it optimizes and how it samples. Every other model setting (the
+# schedule, the number of levels, the parametrization, sigma ranges, the loss) is part of what the weights mean.
+RESUME_SAFE_PREFIXES = ("optimizer", "scheduler")
+RESUME_SAFE_KEYS = frozenset({
+    "sampler", "sample_steps", "clip_denoised", "eta", "ddim_spacing", "variance", "eps_scale", "eps_scale_schedule",
+    "eps_scale_slope", "time_shift_window", "time_shift_cutoff", "time_shift_data_var", "init_noise_scale",
+    "s_churn", "s_tmin", "s_tmax", "s_noise", "min_ratio", "lower_order_final", "rtol", "atol", "snr",
+    "n_corrector_steps", "n_steps_each", "step_lr", "n_steps", "step_size", "predictor", "corrector", "ode_solver",
+    "denoise", "sample_eps", "total_steps",
+})
+
+
+def _flat_settings(section, prefix: str = "") -> dict:
+    out = {}
+    for key, value in (section or {}).items():
+        if isinstance(value, dict):
+            out.update(_flat_settings(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_model_settings(saved: DictConfig, cfg: DictConfig, path: str | Path) -> None:
+    """Refuse a resume whose model.* settings change what the saved weights mean (model.schedule, num_timesteps,
+    prediction, ...); optimizer, scheduler and sampling settings may change."""
+    then = _flat_settings(OmegaConf.to_container(saved.model, resolve=True))
+    now = _flat_settings(OmegaConf.to_container(cfg.model, resolve=True))
+    # Keys on one side only are settings of another version of the code (renamed or added since): the class's
+    # default applies to them, as it did when the checkpoint loads for sampling.
+    for key in sorted(set(then) & set(now)):
+        if key.split(".")[0] in RESUME_SAFE_PREFIXES or key in RESUME_SAFE_KEYS or key.startswith("_"):
+            continue
+        a, b = then[key], now[key]
+        if a != b:
+            raise CheckpointError(f"checkpoint {path} was trained with model.{key}={a}, this run has model.{key}={b}: "
+                                  f"that changes what the saved weights mean, so it cannot be resumed; pass model.{key}={a} "
+                                  "(only optimizer, scheduler and sampling settings may change on resume), or start a "
+                                  "new run")
+
+
 def check_compatible(ckpt: dict, cfg: DictConfig, path: str | Path) -> None:
     """Refuse to resume a run of other data, another method or net with a clear message instead of a state_dict
     error. Data first: a data config also picks the net (data=toy2d switches to the MLP), so a missing data=
@@ -137,6 +177,7 @@ def check_compatible(ckpt: dict, cfg: DictConfig, path: str | Path) -> None:
         differ = sorted(k for k in set(net_now) | set(net_then) if net_now.get(k) != net_then.get(k))
         raise CheckpointError(f"checkpoint {path} has net settings {net_then}, this run has {net_now} (they differ in "
                               f"{', '.join(f'net.{k}' for k in differ)}): use the same net.* values")
+    check_model_settings(saved, cfg, path)
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[DiffusionModule, dict]:

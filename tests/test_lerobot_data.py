@@ -100,6 +100,35 @@ def test_bad_folders_fail_with_what_to_do(dataset, tmp_path):
         LeRobotDataModule(str(root), KEYS, normalizer="meanstd")
 
 
+def test_nan_demonstrations_are_refused_at_setup_naming_the_folder(tmp_path):
+    """The zarr reader refused NaN actions; the LeRobot reader passed them to training (issue 32)."""
+    eps = episodes(lengths=(12, 10), seed=3)
+    eps[1]["action"][4, 0] = np.nan
+    root = write_lerobot(tmp_path / "nan", eps)
+    dm = LeRobotDataModule(str(root), {"agent_pos": "observation.state"}, val_fraction=0.0)
+    with pytest.raises(DataError, match=rf"{root}: data/action has non-finite values in 1 of 22 rows \(first: row 16"):
+        dm.setup("fit")
+
+
+def test_broken_metadata_names_the_file_or_feature_and_the_fix(dataset, tmp_path):
+    import shutil
+
+    root = shutil.copytree(dataset[0], tmp_path / "copy", ignore=shutil.ignore_patterns("videos"))
+    info_path = root / "meta" / "info.json"
+    good = info_path.read_text()
+    info_path.write_text(good[: len(good) // 2])
+    with pytest.raises(DataError, match=r"info\.json is not valid JSON .*cut short"):
+        LeRobotDataModule(str(root), KEYS)
+    info = json.loads(good)
+    del info["features"]["observation.state"]["shape"]
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(DataError, match=r"feature 'observation\.state' has no shape"):
+        LeRobotDataModule(str(root), KEYS)
+    info_path.write_text(good)
+    with pytest.raises(ConfigError, match=r"data\.action_key=actions is not a feature of"):
+        LeRobotDataModule(str(root), KEYS, action_key="actions")
+
+
 def test_train_on_a_lerobot_folder_and_act_without_it(dataset, tmp_path):
     pytest.importorskip("gym_pusht")
     import shutil

@@ -183,3 +183,21 @@ def test_a_consistency_model_and_bc_mse_have_no_likelihood():
         module = METHODS[name]()
         with pytest.raises(ConfigError, match="metric=bpd needs a probability-flow ODE"):
             module.bits_per_dim(torch.zeros(2, 2), cond=torch.zeros(2, 2) if module.cond_dim else None)
+
+
+LANGEVIN_METHODS = [m for m in METHODS if METHODS[m]().refusal("annealed_langevin") is None]
+
+
+@pytest.mark.parametrize("name", LANGEVIN_METHODS)
+def test_annealed_langevin_with_its_default_step_is_stable_on_every_method_it_is_offered_for(name):
+    """NCSN's eps = 2e-5 is tuned to sigma_L = 0.01; on EDM's levels (sigma_L = 0.002) it made every sample NaN. The
+    default keeps NCSN's eps / sigma_L^2, and an eps past the stability bound (2 sigma_L^2) is refused."""
+    module = exact(METHODS[name]())
+    g = torch.Generator().manual_seed(0)
+    x = module.sample(N, sampler="annealed_langevin", steps=30, n_steps_each=40, generator=g)
+    ref = true_samples(module, 7)
+    assert torch.isfinite(x).all()
+    assert sliced_wasserstein(x, ref) < sliced_wasserstein(true_samples(module, 8), ref) + ALLOWANCE
+    lowest = min(s for s in module.grid("annealed_langevin", 30).tolist() if s > 0)
+    with pytest.raises(ConfigError, match=r"step_lr=.* diverges on .* lowest level"):
+        module.sample(4, sampler="annealed_langevin", steps=30, step_lr=2.5 * lowest**2)

@@ -3,7 +3,10 @@ a resumable checkpoint on Ctrl-C / SIGTERM, and resume that is bitwise the unint
 
 from __future__ import annotations
 
+import errno
+import io
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -99,6 +102,34 @@ def test_a_failed_save_is_an_error_and_leaves_no_temp_file(tmp_path, monkeypatch
         io.save_checkpoint({"state_dict": {"w": torch.zeros(1)}, "global_step": 4}, target)
     monkeypatch.undo()
     assert torch.load(target, weights_only=True)["global_step"] == 3 and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+class FillsUp(io.FileIO):
+    """A file on a disk with `room` bytes left: writes past it fail with ENOSPC, as the kernel's would."""
+
+    room = 2000
+
+    def write(self, data):
+        if self.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(data)
+
+
+def test_a_full_disk_during_a_run_is_one_line_naming_the_checkpoint_and_the_old_one_stays(tmp_path, monkeypatch):
+    """torch's zip writer turns ENOSPC into `RuntimeError: [enforce fail at inline_container.cc] unexpected pos`;
+    the user gets one line that names the file and the cause, and last.ckpt from before is whole."""
+    import difflab.checkpoint_io as checkpoint_io
+
+    common = [*QUIET, *TOY, "seed=3", "trainer.val_check_interval=5", f"hydra.run.dir={tmp_path}"]
+    assert run_script("train.py", *common, "trainer.max_steps=5").code == 0
+    saved = tmp_path / "checkpoints" / "last.ckpt"
+    before = saved.read_bytes()
+    monkeypatch.setattr(checkpoint_io, "open", lambda path, mode: FillsUp(path, mode), raising=False)
+    full = run_script("train.py", *common, "trainer.max_steps=10", f"ckpt_path={saved}")
+    assert full.code == 2, full.stderr[-2000:]
+    assert "Traceback" not in full.stderr and len(full.error_lines) == 1, full.stderr[-2000:]
+    assert re.search(r"could not write the checkpoint \S+\.ckpt: No space left on device .*Free disk space", full.error_lines[0])
+    assert saved.read_bytes() == before and not list((tmp_path / "checkpoints").glob(".*tmp-*"))
 
 
 # --- a run that goes NaN ------------------------------------------------------------------------------------
@@ -249,6 +280,39 @@ def test_an_interrupt_saves_at_the_step_boundary_and_the_printed_command_resumes
     command = interrupted.stderr.split("Resume with:")[1].strip().splitlines()[0]
     args = [a for a in shlex.split(command)[2:] if not a.startswith("+callbacks.cut")]
     assert f"ckpt_path={saved}" in args and f"hydra.run.dir={tmp_path / 'cut'}" in args
+    resumed = run_script("train.py", *args)
+    assert resumed.code == 0, resumed.stderr[-2000:]
+    assert_bitwise(final_tensors(tmp_path / "straight"), final_tensors(tmp_path / "cut"))
+
+
+class InterruptDuringValidation(pl.Callback):
+    """Sends this process `signum` while the validation after optimizer step `step` runs (between its batches, where
+    Lightning's evaluation loop stops on SIGTERM)."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM, batch: int = 1):
+        self.step, self.signum, self.batch = step, signum, batch
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking and trainer.global_step == self.step and batch_idx == self.batch:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupt_during_a_validation_saves_and_resumes_exactly(tmp_path, signum, code):
+    """A scheduler's SIGTERM between validation batches: the step before it is saved, the message says where, and
+    the resumed run (which redoes that validation) is bitwise the uninterrupted one."""
+    common = [*QUIET, *TOY, "data.num_val=256", "seed=5", "trainer.max_steps=12", "trainer.val_check_interval=5"]
+    assert run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'straight'}").code == 0
+    interrupted = run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'cut'}",
+                             "+callbacks.cut._target_=test_reliability.InterruptDuringValidation", "+callbacks.cut.step=10",
+                             f"+callbacks.cut.signum={int(signum)}")
+    assert interrupted.code == code, interrupted.stderr[-2000:]
+    saved = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    assert f"Interrupted ({signal.Signals(signum).name}) at step 10; saved {saved}" in interrupted.stderr, interrupted.stderr[-2000:]
+    assert "no checkpoint was saved" not in interrupted.stderr
+    assert torch.load(saved, weights_only=True)["global_step"] == 10
+    command = interrupted.stderr.split("Resume with:")[1].strip().splitlines()[0]
+    args = [a for a in shlex.split(command)[2:] if not a.startswith("+callbacks.cut")]
     resumed = run_script("train.py", *args)
     assert resumed.code == 0, resumed.stderr[-2000:]
     assert_bitwise(final_tensors(tmp_path / "straight"), final_tensors(tmp_path / "cut"))

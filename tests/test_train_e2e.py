@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from callbacks.ema import EMA
 from conftest import run_cli
@@ -176,6 +177,27 @@ def test_checkpoint_of_another_model_or_not_ours_is_refused(digits_run, tmp_path
         read_checkpoint(foreign)
     with pytest.raises(FileNotFoundError):
         read_checkpoint(tmp_path / "missing.ckpt")
+
+
+@pytest.mark.parametrize("key,value", [("schedule", "cosine"), ("num_timesteps", 500), ("prediction", "v")])
+def test_resume_refuses_a_model_setting_that_changes_what_the_weights_mean(digits_run, key, value):
+    run_dir, _ = digits_run
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    cfg = OmegaConf.create(ckpt["difflab"]["config"])
+    before = cfg.model[key]
+    cfg.model[key] = value
+    with pytest.raises(ValueError, match=rf"model\.{key}={before}, this run has model\.{key}={value}"):
+        check_compatible(ckpt, cfg, "x.ckpt")
+
+
+def test_resume_accepts_optimizer_scheduler_and_sampling_edits(digits_run):
+    run_dir, _ = digits_run
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    cfg = OmegaConf.create(ckpt["difflab"]["config"])
+    cfg.model.optimizer.lr = 1e-5
+    cfg.model.scheduler.warmup_steps = 7
+    cfg.model.sampler, cfg.model.sample_steps, cfg.model.eta = "ancestral", 3, 0.5
+    check_compatible(ckpt, cfg, "x.ckpt")
 
 
 def test_loaded_checkpoint_samples_with_the_ema_weights(digits_run):
