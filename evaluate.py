@@ -13,7 +13,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.cli import entry_keys, one_line_errors, writable_dir
+from difflab.cli import entry_keys, one_line_errors, refuse_training_groups, writable_dir
 from difflab.config_checks import check_config, check_known_keys
 from difflab.errors import SAMPLER_DIVERGED, ConfigError, require_finite
 from lightning_modules.checkpoint import instantiate_datamodule, load_module, sampling_options, sampling_tag
@@ -97,6 +97,8 @@ def main(cfg: DictConfig) -> dict:
             isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in search)):
         raise ConfigError(f"eps_scale_search={search} must be a list of positive scales, e.g. eps_scale_search=[1.0,1.005,1.01]")
     # The result is written at the end: refuse an unwritable place before minutes of sampling are spent.
+    if cfg.out and Path(cfg.out).expanduser().is_dir():
+        raise ConfigError(f"out={cfg.out} is a directory; out= names the result's JSON file, e.g. out={Path(cfg.out) / 'result.json'}")
     writable_dir(Path(cfg.out).expanduser().parent if cfg.out else Path(cfg.ckpt_path).expanduser().resolve().parent.parent / "eval",
                  "out" if cfg.out else "the default out folder (<run>/eval); set out=")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -187,7 +189,7 @@ def evaluate_exposure_bias(cfg: DictConfig, module, ckpt, datamodule, device: st
         "samples_per_second": 0.0, "device": device,
     }
     result = write_result(cfg, result)
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"exposure_bias_{sampler}_{ex['nfe']:.0f}nfe{sampling_tag(cfg)}.json"
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"{Path(cfg.ckpt_path).stem}_exposure_bias_{sampler}_{ex['nfe']:.0f}nfe{sampling_tag(cfg)}.json"
     save_png(exposure_curve(ex, f"{sampler}, {ex['nfe']} NFE"), out.with_suffix(".png"))
     if quality:
         print(f"quality beside it: {quality['quality_metric']} = {quality['quality']:.4g} (floor {quality['quality_floor']:.4g})")
@@ -201,7 +203,7 @@ def evaluate_policy_checkpoint(cfg: DictConfig, device: str) -> dict:
 
     fixes = sampling_options(cfg)
     policy, datamodule = load_policy(cfg.ckpt_path, cfg.sampler, cfg.steps, cfg.n_action_steps, device, cfg.seed, **fixes)
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"policy_{policy.sampler or getattr(policy.module, 'sampler', 'default')}_{policy.nfe}nfe{sampling_tag(cfg)}.json"
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"{Path(cfg.ckpt_path).stem}_policy_{policy.sampler or getattr(policy.module, 'sampler', 'default')}_{policy.nfe}nfe{sampling_tag(cfg)}.json"
     video_dir = out.parent / f"{out.stem}_videos" if cfg.render else None
     result = evaluate_policy(policy, cfg.num_episodes, cfg.first_seed, cfg.max_steps,
                              render_episodes=cfg.num_episodes if cfg.render else 0, video_dir=video_dir, progress=cfg.progress)
@@ -216,7 +218,7 @@ def evaluate_policy_checkpoint(cfg: DictConfig, device: str) -> dict:
 
 def write_result(cfg: DictConfig, result: dict) -> dict:
     require_finite(result["value"], f"the figure {result['metric']}", SAMPLER_DIVERGED)
-    name = f"{result['metric']}_{str(result['sampler']).split()[0]}_{result['nfe']:.0f}nfe{sampling_tag(cfg)}.json"
+    name = f"{Path(cfg.ckpt_path).stem}_{result['metric']}_{str(result['sampler']).split()[0]}_{result['nfe']:.0f}nfe{sampling_tag(cfg)}.json"
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -227,4 +229,5 @@ def write_result(cfg: DictConfig, result: dict) -> dict:
 
 
 if __name__ == "__main__":
+    refuse_training_groups("evaluate")
     main()

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from difflab.pictures import save_png
-from difflab.cli import entry_keys, one_line_errors, writable_dir
+from difflab.cli import entry_keys, one_line_errors, refuse_training_groups, writable_dir
 from difflab.config_checks import check_config, check_known_keys
 from difflab.errors import SAMPLER_DIVERGED, ConfigError, require_finite
 from lightning_modules.checkpoint import instantiate_datamodule, load_module, sampling_options, sampling_tag
@@ -58,7 +58,7 @@ def main(cfg: DictConfig) -> Path:
     x, nfe = module.sample_many(cfg.num_samples, cfg.batch_size, generator, progress=cfg.progress, return_nfe=True, **kwargs)
     seconds = time.perf_counter() - start
     require_finite(x, f"the samples of sampler={sampler} ({nfe} NFE)", SAMPLER_DIVERGED)
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else samples_root / f"{sampler}_{nfe}nfe{sampling_tag(cfg)}"
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else samples_root / f"{Path(cfg.ckpt_path).stem}_{sampler}_{nfe}nfe{sampling_tag(cfg)}"
 
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
@@ -73,4 +73,5 @@ def main(cfg: DictConfig) -> Path:
 
 
 if __name__ == "__main__":
+    refuse_training_groups("sample", SAMPLE_HINT)
     main()

@@ -81,3 +81,22 @@ def entry_keys(config_name: str) -> set[str]:
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / f"{config_name}.yaml")
     return (set(cfg.keys()) - {"defaults", "hydra"}) | {"paths"}
+
+
+def refuse_training_groups(entry: str, hint: str = "") -> None:
+    """Before Hydra composes sample.py's or evaluate.py's config: `model=ddpm` there would get Hydra's advice to
+    write `+model=ddpm`, which is refused next. A training config group on the command line gets the project's
+    own line (what the entry point takes) at once, exit 2."""
+    from difflab.config_checks import refuse_unknown
+    from difflab.errors import ConfigError
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    groups = {p.name for p in configs.iterdir() if p.is_dir()} - {"hydra", "paths"}
+    given = {a.split("=", 1)[0].lstrip("+~") for a in sys.argv[1:] if "=" in a and not a.startswith("-")}
+    try:
+        refuse_unknown({k for k in given if k in groups}, entry_keys(entry), entry, hint)
+    except ConfigError as err:
+        if traceback_wanted():
+            raise
+        print_error(err)
+        sys.exit(err.exit_code)

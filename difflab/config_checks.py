@@ -150,7 +150,11 @@ def check_config(cfg: DictConfig, entry: str = "train") -> None:
 def check_known_keys(cfg: DictConfig, allowed: set[str], entry: str, hint: str = "") -> None:
     """sample.py and evaluate.py take their method from the checkpoint: a `model=` or `+model=...` group
     would be composed and then silently ignored, so refuse any top-level key they do not read."""
-    unknown = sorted(k for k in cfg.keys() if k not in allowed and k != "hydra")
+    refuse_unknown(cfg.keys(), allowed, entry, hint)
+
+
+def refuse_unknown(keys, allowed: set[str], entry: str, hint: str = "") -> None:
+    unknown = sorted(k for k in keys if k not in allowed and k != "hydra")
     if unknown:
         raise ConfigError(f"{entry}.py does not use {', '.join(repr(k) for k in unknown)}: the method and its settings come "
                           f"from the checkpoint. {hint}Its options are: {', '.join(sorted(allowed - {'paths'}))}")

@@ -3,7 +3,8 @@
 `RunDirGuard` is a Hydra callback (configs/hydra/default.yaml). It runs before Hydra writes anything into the
 run directory (`.hydra/`, `train.log`), so a refused run changes no file there. It refuses
 - a directory whose lock another live run holds (two trainings with the same `hydra.run.dir`);
-- a directory that already holds checkpoints, unless `ckpt_path=` resumes from one of them or `overwrite=true`;
+- a directory that already holds checkpoints, unless `ckpt_path=` resumes from one of them or `overwrite=true`
+  (which moves the earlier run's files into a dated `replaced-<time>/` subfolder first);
 - a directory that cannot be created or written.
 The lock is an `flock` on `<run dir>/.lock`: the kernel releases it when the process ends, however it ends, so a
 killed run never leaves a stale lock. Only the first process of a run takes it (DDP ranks > 0, which Lightning or
@@ -78,12 +79,32 @@ def claim_run_dir(run_dir: str | Path, ckpt_path: str | None = None, overwrite: 
         raise RunDirError(f"{run_dir} holds the checkpoints of an earlier run ({shown}); a new run would overwrite them. "
                           f"Resume it with ckpt_path={run_dir / 'checkpoints' / latest}, use another hydra.run.dir, "
                           "or pass overwrite=true to replace them")
+    if checkpoints and overwrite and not _inside(ckpt_path, run_dir):
+        moved = set_aside(run_dir)
+        print(f"overwrite=true: the earlier run's files in {run_dir} were moved to {moved}", file=sys.stderr, flush=True)
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     lock.flush()
     _held[str(run_dir.resolve())] = lock
     return run_dir
+
+
+REPLACED_PREFIX = "replaced-"
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move everything an earlier run wrote in `run_dir` (checkpoints, logs, samples, .hydra) into a dated
+    `replaced-<time>/` subfolder, so nothing in the directory is the other run's and nothing is lost."""
+    target = run_dir / f"{REPLACED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while target.exists():
+        target, n = run_dir / f"{REPLACED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
+    target.mkdir()
+    for entry in sorted(run_dir.iterdir()):
+        if entry.name != LOCK_NAME and not entry.name.startswith(REPLACED_PREFIX) and entry != target:
+            os.replace(entry, target / entry.name)
+    return target
 
 
 def release_run_dir(run_dir: str | Path) -> None:

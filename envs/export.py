@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from difflab.atomic_dir import atomic_dir
-from difflab.errors import CheckpointError, MissingFileError
+from difflab.errors import CheckpointError, ConfigError, MissingFileError
 
 FORMAT = "difflab-policy"
 VERSION = 1
@@ -36,13 +36,19 @@ def _to_json(value):
 
 
 def export_policy(policy, folder: str | Path) -> Path:
-    """Write `policy` (an envs.policy.Policy) to `folder` (replaced if it exists)."""
+    """Write `policy` (an envs.policy.Policy) to `folder`; an earlier export there is replaced, a file or a folder of
+    other files is refused."""
     from safetensors.torch import save_file
 
     module = policy.module
     if not module.run_config:
         raise ValueError("the policy's model has no run config (it was not built by train.py or load_policy): nothing to rebuild it from")
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"cannot export the policy to {folder}: it is a file; name a folder (it is created)")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "config.json").is_file():
+        raise ConfigError(f"cannot export the policy to {folder}: it is a folder with other files in it, which exporting "
+                          "would replace; name a new folder (or an earlier export, which is replaced)")
     config = {
         "format": FORMAT, "version": VERSION,
         "method": f"{type(module).__module__}.{type(module).__qualname__}",
@@ -60,6 +66,27 @@ def export_policy(policy, folder: str | Path) -> Path:
     return folder
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}): it may be cut short or edited; export the policy again") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a {type(value).__name__}, not the exported settings; export the policy again")
+    return value
+
+
+def _check_shapes(built: dict, stored: dict, folder: Path) -> None:
+    """model.safetensors must fit the model config.json builds; a mismatch means one of them was edited."""
+    for name in sorted(set(built) | set(stored)):
+        want = tuple(built[name].shape) if name in built else None
+        have = tuple(stored[name].shape) if name in stored else None
+        if want != have:
+            raise CheckpointError(f"{folder}: config.json builds a model whose {name} is {want or 'absent'}, but model.safetensors "
+                                  f"holds {have or 'none'}: config.json (its data_shape, cond_dim or build.net settings) or the "
+                                  "weights were changed after export; export the policy again")
+
+
 def load_exported(folder: str | Path, device: str = "cpu", seed: int | None = None):
     """The Policy in `folder` (written by export_policy), on `device`; seed replaces the exported sampling seed."""
     from omegaconf import OmegaConf
@@ -72,16 +99,22 @@ def load_exported(folder: str | Path, device: str = "cpu", seed: int | None = No
     missing = [f for f in FILES if not (folder / f).is_file()]
     if missing:
         raise MissingFileError(f"{folder} is not an exported policy: it lacks {', '.join(missing)} (write one with envs.export.export_policy)")
-    config = json.loads((folder / "config.json").read_text())
+    config = _read_json(folder / "config.json")
     if config.get("format") != FORMAT or int(config.get("version", 0)) > VERSION:
         raise CheckpointError(f"{folder}/config.json is format {config.get('format')!r} version {config.get('version')}; "
                               f"this code reads {FORMAT!r} up to version {VERSION}")
     build = OmegaConf.create({k: v for k, v in config["build"].items() if v is not None})
     module = build_model(build, config["data_shape"], config["cond_dim"], config.get("obs_spec"))
-    module.load_state_dict(load_file(str(folder / "model.safetensors")))
+    try:
+        weights = load_file(str(folder / "model.safetensors"))
+    except Exception as err:  # safetensors' own errors: a header cut short, a file that is not safetensors
+        raise CheckpointError(f"{folder / 'model.safetensors'} is not readable ({type(err).__name__}: {' '.join(str(err).split())[:160]}): "
+                              "it may be truncated; export the policy again") from None
+    _check_shapes(module.state_dict(), weights, folder)
+    module.load_state_dict(weights)
     module.run_config = config["build"]
     module = module.to(device).eval()
-    spec = json.loads((folder / "policy.json").read_text())
+    spec = _read_json(folder / "policy.json")
     for key in ("obs_normalizer", "action_normalizer"):
         spec[key] = {k: torch.tensor(v, dtype=torch.float32) for k, v in spec[key].items()}
     return Policy.from_spec(module, spec, sampler=config["sampler"], steps=config["steps"],

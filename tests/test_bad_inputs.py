@@ -55,6 +55,8 @@ def world(tmp_path_factory):
     action = state[:, :2].copy()
     action[17, 1] = np.nan
     ReplayBuffer({"state": state, "keypoint": np.zeros((steps, 9, 2), np.float32), "action": action}, np.array([20, 40])).save(root / "nan.zarr")
+    ReplayBuffer({"state": state, "keypoint": np.zeros((steps, 9, 2), np.float32), "action": state[:, :2].copy()},
+                 np.array([20, 40])).save(root / "state.zarr")
     return files
 
 
@@ -137,6 +139,13 @@ CASES = [
     ("eval_policy_on_toy", "evaluate.py", ["ckpt_path={toy}", "metric=policy"], 2, r"not on demonstrations: it is not a policy"),
     ("eval_toy_metric_on_policy", "evaluate.py", ["ckpt_path={policy}", "metric=sliced_w1"], 2, r"is a policy: score it with metric=policy"),
     ("eval_out_unwritable", "evaluate.py", ["ckpt_path={toy}", "out=/proc/difflab_eval/x.json"], 2, r"out: /proc/difflab_eval cannot be written"),
+    ("eval_out_is_a_dir", "evaluate.py", ["ckpt_path={toy}", "out={root}"], 2, r"out=\S+ is a directory; out= names the result's JSON file"),
+    ("eval_nonfinite", "evaluate.py", ["ckpt_path={toy}", "eps_scale=1e-45"], 1, r"the samples of sampler=ddim: \d+ of \d+ are NaN or inf, so nothing was written"),
+    ("sample_nonfinite", "sample.py", ["ckpt_path={toy}", "eps_scale=1e-45"], 1, r"the samples of sampler=ddim \(5 NFE\): \d+ of \d+ are NaN or inf"),
+    ("pusht_image_no_img", "train.py", ["experiment=pusht_image", "obs_encoder=conv_small", "data.path={state.zarr}"], 2,
+     r"state\.zarr has no camera frames \(data/img\); its keys are \['action', 'keypoint', 'state'\]"),
+    ("resume_other_schedule", "train.py", [*TOY, "model.schedule=cosine", "ckpt_path={toy}"], 2,
+     r"was trained with model\.schedule=linear, this run has model\.schedule=cosine: that changes what the saved weights mean"),
     ("eval_search_negative", "evaluate.py", ["ckpt_path={toy}", "eps_scale_search=[1.0,-1]"], 2, r"eps_scale_search=\[1\.0, -1\] must be a list of positive scales"),
     ("eval_search_langevin", "evaluate.py", ["ckpt_path={toy}", "sampler=langevin", "eps_scale_search=[1.0,1.01]"], 2, r"sampler=langevin is not defined for DDPM"),
     ("eval_ncsn_spacing", "evaluate.py", ["ckpt_path={ncsn}", "ddim_spacing=karras"], 2, r"ddim_spacing= is not an option of NCSN's sampler=annealed_langevin"),
@@ -144,6 +153,8 @@ CASES = [
     ("eval_bc_mse_eps_scale", "evaluate.py", ["ckpt_path={bc_mse}", "metric=policy", "eps_scale=1.01"], 2,
      r"eps_scale= is not an option of BCMSE \(sampler=direct takes nothing\): drop it"),
     ("eval_bc_mse_steps", "evaluate.py", ["ckpt_path={bc_mse}", "metric=policy", "steps=10"], 2, r"steps= is not an option of BCMSE"),
+    ("sample_model_group", "sample.py", ["ckpt_path={toy}", "model=ddpm"], 2, r"sample\.py does not use 'model': the method and its settings come from the checkpoint"),
+    ("eval_net_group", "evaluate.py", ["ckpt_path={toy}", "net=mlp"], 2, r"evaluate\.py does not use 'net'"),
     ("eval_plus_model", "evaluate.py", ["ckpt_path={toy}", "+model=ddpm"], 2, r"evaluate\.py does not use 'model'"),
     ("eval_missing_ckpt", "evaluate.py", ["ckpt_path={root}/nope.ckpt"], 2, r"nope\.ckpt does not exist"),
 ]
@@ -175,3 +186,17 @@ def test_the_table_covers_the_issue(world):
 def test_debug_shows_the_traceback_of_a_user_error(world):
     outcome = run_script("sample.py", f"ckpt_path={world['toy']}", "steps=0", "debug=true")
     assert outcome.code != 0 and "Traceback" in outcome.stderr and "ConfigError" in outcome.stderr
+
+
+def test_default_sample_folders_of_two_checkpoints_of_a_run_do_not_collide(world, tmp_path):
+    """Issue 32: sample.py without out_dir wrote best's and last's samples to one folder."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(world["toy"]).parent.parent, run, ignore=shutil.ignore_patterns(".lock"))
+    last = run / "checkpoints" / "last.ckpt"
+    shutil.copy(last, run / "checkpoints" / "best_step0000002.ckpt")
+    for name in ("last", "best_step0000002"):
+        outcome = run_script("sample.py", f"ckpt_path={run / 'checkpoints' / (name + '.ckpt')}", "num_samples=4", "progress=false")
+        assert outcome.code == 0, outcome.stderr[-2000:]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["best_step0000002_ddim_5nfe", "last_ddim_5nfe"]

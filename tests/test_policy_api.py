@@ -84,3 +84,39 @@ def test_load_exported_refuses_what_is_not_one(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"format": "lerobot", "version": 1}))
     with pytest.raises(CheckpointError, match="format"):
         load_exported(tmp_path)
+
+
+def test_a_broken_export_names_the_file_and_what_disagrees(tmp_path):
+    """Issue 32: a truncated model.safetensors, a config.json edited to another shape or cut short, and an export
+    onto a file or a folder of other files each get one line naming the file; nothing of the user's is replaced."""
+    import shutil
+
+    from difflab.errors import CheckpointError, ConfigError
+
+    policy = policy_for("ddpm", tmp_path)()
+    good = export_policy(policy, tmp_path / "good")
+    cases = {}
+    cases["weights"] = shutil.copytree(good, tmp_path / "weights")
+    data = (good / "model.safetensors").read_bytes()
+    (cases["weights"] / "model.safetensors").write_bytes(data[: len(data) // 3])
+    cases["shape"] = shutil.copytree(good, tmp_path / "shape")
+    config = json.loads((good / "config.json").read_text())
+    config["build"]["net"]["step_embed_dim"] *= 2
+    (cases["shape"] / "config.json").write_text(json.dumps(config))
+    cases["cut"] = shutil.copytree(good, tmp_path / "cut")
+    text = (good / "config.json").read_text()
+    (cases["cut"] / "config.json").write_text(text[: len(text) // 2])
+    with pytest.raises(CheckpointError, match=r"weights/model\.safetensors is not readable .* truncated"):
+        load_exported(cases["weights"])
+    with pytest.raises(CheckpointError, match=r"config\.json builds a model whose \S+ is \(.*\), but model\.safetensors holds \("):
+        load_exported(cases["shape"])
+    with pytest.raises(CheckpointError, match=r"cut/config\.json is not valid JSON"):
+        load_exported(cases["cut"])
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="it is a file"):
+        export_policy(policy, tmp_path / "notes.txt")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("mine")
+    with pytest.raises(ConfigError, match="a folder with other files in it"):
+        export_policy(policy, tmp_path / "mine")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "mine" / "thesis.tex").read_text() == "mine"

@@ -213,6 +213,20 @@ def test_a_finished_run_directory_is_refused_unless_resumed_or_overwritten(tmp_p
     release_run_dir(tmp_path)
 
 
+def test_overwrite_moves_the_earlier_run_aside_so_no_file_is_the_other_runs(tmp_path):
+    old = {"checkpoints/last.ckpt": b"old last", "checkpoints/best_step0000005.ckpt": b"old best",
+           "tensorboard/version_0/events.out.tfevents.1": b"old events", "final/metrics.json": b"{}", ".hydra/config.yaml": b"a: 1"}
+    for name, content in old.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    claim_run_dir(tmp_path, overwrite=True)
+    release_run_dir(tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 2 and ".lock" in left and left[1 - left.index(".lock")].startswith("replaced-"), left
+    aside = next(tmp_path.glob("replaced-*"))
+    assert {name: (aside / name).read_bytes() for name in old} == old
+
+
 # --- interrupts and exact resume ----------------------------------------------------------------------------
 
 class InterruptAt(pl.Callback):
