@@ -9,6 +9,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,11 +50,31 @@ def _flat(cfg: dict, prefix: str = "") -> dict:
     return out
 
 
+def cpu_threads(setting, processes_per_node: int = 1) -> int | None:
+    """Torch threads for training on a CPU; None leaves torch's own choice (OMP_NUM_THREADS set by the user).
+
+    auto: on 2 cores, 2 threads train 1.45x faster than 1 on an idle machine but 3.3x to 11x slower as soon as one
+    other process is busy (benchmarks/cpu_threads.py, RESULTS.md), so 1 thread there; with more cores per
+    process, all but one, leaving a core to the loader, the logger and whatever else runs."""
+    if setting != "auto":
+        return int(setting)
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cores // max(processes_per_node, 1)
+    return 1 if per_process <= 2 else per_process - 1
+
+
 def apply_speed_settings(cfg: DictConfig, model, trainer: pl.Trainer) -> None:
-    """TF32, channels_last, a fused optimizer step and torch.compile: each changes results only within rounding."""
+    """CPU threads, TF32, channels_last, a fused optimizer step and torch.compile: each changes results only within
+    rounding."""
+    on_gpu = trainer.strategy.root_device.type == "cuda"
+    if not on_gpu:
+        threads = cpu_threads(cfg.speed.get("cpu_threads", "auto"), trainer.num_devices)
+        if threads is not None:
+            torch.set_num_threads(threads)
     torch.set_float32_matmul_precision(cfg.speed.matmul_precision)
     torch.backends.cudnn.allow_tf32 = cfg.speed.matmul_precision != "highest"
-    on_gpu = trainer.strategy.root_device.type == "cuda"
     image_net = len(model.data_shape) == 3
     channels_last = (on_gpu and image_net) if cfg.speed.channels_last == "auto" else bool(cfg.speed.channels_last)
     if channels_last and image_net:

@@ -79,6 +79,7 @@ CASES = [
     ("beta_end", "train.py", ["model.beta_end=2"], 2, r"model\.beta_end=2 is not valid"),
     ("val_fraction", "train.py", ["data.val_fraction=1.5"], 2, r"data\.val_fraction=1\.5 is not valid"),
     ("save_top_k", "train.py", ["callbacks.model_checkpoint.save_top_k=-2"], 2, r"callbacks\.model_checkpoint\.save_top_k=-2 is not valid"),
+    ("cpu_threads_zero", "train.py", ["speed.cpu_threads=0"], 2, r"speed\.cpu_threads=0 is not valid: speed\.cpu_threads must be auto or a whole number >= 1"),
     ("seed_negative", "train.py", ["seed=-3"], 2, r"seed=-3 is not valid"),
     # --- train.py: values a method or datamodule refuses
     ("toy_name", "train.py", [*TOY, "data.name=spiral"], 2, r"unknown toy distribution 'spiral': data\.name must be one of"),

@@ -330,3 +330,86 @@ def test_an_interrupt_during_a_validation_saves_and_resumes_exactly(tmp_path, si
     resumed = run_script("train.py", *args)
     assert resumed.code == 0, resumed.stderr[-2000:]
     assert_bitwise(final_tensors(tmp_path / "straight"), final_tensors(tmp_path / "cut"))
+
+
+# --- CPU threads ----------------------------------------------------------------------------------------------
+
+def test_cpu_threads_auto_keeps_a_small_machine_to_one_thread_and_leaves_a_core_on_a_large_one(monkeypatch):
+    from train import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for cores, processes, want in ((1, 1, 1), (2, 1, 1), (4, 1, 3), (16, 1, 15), (4, 2, 1), (16, 2, 7)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert cpu_threads("auto", processes) == want, (cores, processes)
+    assert cpu_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads("auto") is None  # the user's own setting wins
+
+
+# --- the soak: five SIGTERMs at random moments, five resumes ------------------------------------------------
+
+class Pace(pl.Callback):
+    """Slows a tiny run to a few seconds (sleeps change no number) and marks that training began, so that a kill
+    lands in training steps and validations rather than in the interpreter's start-up."""
+
+    def __init__(self, marker: str, seconds: float = 0.04):
+        self.marker, self.seconds = Path(marker), seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.marker.write_text("training")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        time.sleep(self.seconds)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self.marker.write_text("validation")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        time.sleep(self.seconds)
+
+
+@pytest.mark.slow
+def test_soak_five_sigterms_at_random_moments_end_bitwise_equal_to_the_uninterrupted_run(tmp_path):
+    import random
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    marker = tmp_path / "started"
+    common = [*QUIET, *TOY, "data.num_val=512", "seed=11", "trainer.max_steps=60", "trainer.val_check_interval=6",
+              "+callbacks.pace._target_=test_reliability.Pace", f"+callbacks.pace.marker={marker}"]
+
+    def launch(*args: str) -> subprocess.Popen:
+        marker.unlink(missing_ok=True)
+        return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common, *args], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    straight = launch(f"hydra.run.dir={tmp_path / 'straight'}")
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()[-2000:]
+    run, last = tmp_path / "cut", tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    rng, kills, steps, phases = random.Random(2026), 0, [], []
+    while kills < 5:
+        proc = launch(f"hydra.run.dir={run}", *([f"ckpt_path={last}"] if last.exists() else []))
+        while not marker.exists() and proc.poll() is None:
+            time.sleep(0.01)
+        if kills == 0:  # the first one surely mid-validation, the others wherever they fall
+            while proc.poll() is None and (not marker.exists() or marker.read_text() != "validation"):
+                time.sleep(0.01)
+        else:
+            time.sleep(rng.uniform(0.0, 3.0))
+        phases.append(marker.read_text() if marker.exists() else "?")
+        proc.send_signal(signal.SIGTERM)
+        code, err = proc.wait(timeout=600), proc.stderr.read()
+        assert "Traceback" not in err, err[-3000:]
+        if code == 0:  # it finished before the signal: nothing left to interrupt
+            break
+        assert code == 143, err[-3000:]
+        assert "Resume with:" in err and "no checkpoint was saved" not in err, err[-3000:]
+        steps.append(torch.load(last, weights_only=True)["global_step"])
+        kills += 1
+    if kills == 5:
+        final = launch(f"hydra.run.dir={run}", f"ckpt_path={last}")
+        assert final.wait(timeout=600) == 0, final.stderr.read()[-2000:]
+    assert kills >= 3, f"only {kills} interrupts landed before the run ended (at steps {steps})"
+    assert phases[0] == "validation", phases
+    assert steps == sorted(steps), steps
+    assert_bitwise(final_tensors(tmp_path / "straight"), final_tensors(run))
