@@ -282,7 +282,7 @@ def test_speed_settings_apply_channels_last_and_compile_without_renaming_paramet
     cfg = compose_train(["net.ch=16", "speed.channels_last=true", "speed.compile=true"], tmp_path)
     _, module = build(cfg)
     names = list(module.state_dict())
-    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), num_devices=1)
     apply_speed_settings(cfg, module, trainer)
     conv = next(m for m in module.net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.in_channels > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -312,7 +312,7 @@ def test_fused_optimizer_is_chosen_on_gpu_only_and_bf16_training_still_clips(tmp
 
     cfg = compose_train(["net.ch=16", "data.batch_size=8"], tmp_path)
     _, module = build(cfg)
-    cpu = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    cpu = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), num_devices=1)
     apply_speed_settings(cfg, module, cpu)
     assert "fused" not in module.optimizer_factory.keywords
     gpu = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda")))
