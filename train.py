@@ -94,6 +94,18 @@ def final_policy_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Tra
 
     module = module.to(trainer.strategy.root_device).eval()
     smoke = bool(trainer.fast_dev_run)  # a config check: one short episode with the cheapest sampler
+    skipped = ("data.task is empty: the data have no simulator here" if not datamodule.task else
+               "final_eval.num_episodes=0" if cfg.final_eval.num_episodes == 0 and not smoke else None)
+    if skipped:
+        val_loss = trainer.callback_metrics.get("val/loss")
+        result = {"global_step": trainer.global_step, "metric": "val/loss", "value": None if val_loss is None else float(val_loss),
+                  "closed_loop": f"skipped ({skipped})", "samples_png": "-", "sampler": cfg.final_eval.sampler,
+                  "nfe": module.nfe(cfg.final_eval.sampler, cfg.final_eval.steps)}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        for logger in trainer.loggers:
+            logger.finalize("success")
+        return result
     sampling = dict(module.quick_sampling) if smoke else {"sampler": cfg.final_eval.sampler, "steps": cfg.final_eval.steps}
     policy = Policy.from_datamodule(module, datamodule, seed=cfg.final_eval.seed, **sampling)
     result = evaluate_policy(policy, 1 if smoke else cfg.final_eval.num_episodes, cfg.final_eval.seed,
@@ -210,6 +222,8 @@ def main(cfg: DictConfig) -> dict | None:
         lines.append(f"Policy:         mean max-reward {result['mean_max_reward']:.3f}, success {result['success_rate']:.2f} "
                      f"over {result['num_episodes']} episodes (seeds {result['seeds'][0]}..{result['seeds'][1]}), "
                      f"{result['latency_per_chunk_s'] * 1000:.1f} ms per chunk")
+    elif "closed_loop" in result:
+        lines[-1] = f"Policy:         no closed-loop evaluation: {result['closed_loop']}; final val/loss {result['value']}"
     elif "value" in result:
         lines.append(f"Quality:        {result['metric']} = {result['value']:.4g} (floor {result['floor']:.4g}, {result['num_samples']} samples)")
     elif "metric_skipped" in result:

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.ema import ema_weights
@@ -34,6 +35,13 @@ class PolicyRollout(EveryNValidations):
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if getattr(trainer.datamodule, "data_kind", None) != "trajectory" or not self.due(trainer):  # every_n_val=0: no rollouts in training
+            return
+        if not trainer.datamodule.task:
+            if not getattr(self, "_told", False):
+                rank_zero_warn("data.task is empty (no simulator for these demonstrations here): no policy rollouts; "
+                               "validation reports val/loss only (callbacks.model_checkpoint.monitor=val/loss mode=min picks "
+                               "the best checkpoint by it)")
+                self._told = True
             return
         from envs.policy import Policy
         from envs.runner import run_episodes

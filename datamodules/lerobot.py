@@ -52,15 +52,29 @@ def read_info(root: Path) -> dict:
     return info
 
 
-def read_parquet_rows(files: list[Path]) -> dict[str, np.ndarray]:
-    """Every column of the parquet files, concatenated, list columns as 2-D arrays."""
+def read_parquet_rows(files: list[Path], columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The columns (all when None) of the parquet files, concatenated, list columns as 2-D arrays."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not files:
         return {}
-    table = pa.concat_tables([pq.read_table(f) for f in files])
+    table = pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
     return {name: np.asarray(table.column(name).to_pylist()) for name in table.column_names}
+
+
+def decode_image(cell, where: str) -> np.ndarray:
+    """One frame stored in the parquet (LeRobot's use_videos=False: Hugging Face's Image feature, a struct of
+    PNG/JPEG `bytes` and a `path`) as uint8 (H, W, 3)."""
+    import io
+
+    from PIL import Image
+
+    data = cell.get("bytes") if isinstance(cell, dict) else cell
+    if not data:
+        raise DataError(f"{where}: the frame has no image bytes (a path-only image column is not supported; "
+                        "write the dataset with its images embedded)")
+    return np.array(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def decode_video(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -78,11 +92,18 @@ def decode_video(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(frames), np.asarray(times)
 
 
+# LeRobot's Push-T (lerobot/pusht): what data.keys=null means
+DEFAULT_KEYS = {"agent_pos": "observation.state", "image": "observation.image"}
+
+
 class LeRobotDataModule(TrajectoryDataModule):
-    def __init__(self, root: str, keys: dict, action_key: str = "action", task: str = "", normalizer: str = "fit", **kwargs):
+    def __init__(self, root: str, keys: dict | None = None, action_key: str = "action", task: str = "", normalizer: str = "fit",
+                 **kwargs):
         self.root = Path(root).expanduser()
         self.info = read_info(self.root)
-        self.keys = dict(keys)
+        self.keys = dict(DEFAULT_KEYS if keys is None else keys)
+        if not self.keys:
+            raise ConfigError("data.keys is empty: map at least one observation, e.g. data.keys={agent_pos:observation.state}")
         self.action_key = action_key
         self.task = task or ""
         if normalizer not in ("fit", "stats"):
@@ -129,10 +150,12 @@ class LeRobotDataModule(TrajectoryDataModule):
         return sorted(self.root.glob(pattern))
 
     def load_buffer(self) -> ReplayBuffer:
-        frames = read_parquet_rows(self._files("data/*/*.parquet"))
+        wanted = ["index", "episode_index", self.action_key, *(f for n, f in self.keys.items() if n in self.env_obs_dims)]
+        frames = read_parquet_rows(self._files("data/*/*.parquet"), columns=wanted)
         if not frames:
             raise MissingFileError(f"{self.root}/data/ has no parquet files. {HINT}")
         order = np.argsort(frames["index"], kind="stable")
+        self._order = order  # frames stored in the parquet (images) are read back in this order
         frames = {k: v[order] for k, v in frames.items()}
         episode_index = frames["episode_index"]
         if np.any(np.diff(episode_index) < 0):
@@ -150,8 +173,11 @@ class LeRobotDataModule(TrajectoryDataModule):
         return buffer.data[key]
 
     def images(self, buffer: ReplayBuffer, key: str) -> torch.Tensor:
-        """The camera's frames of every episode, in buffer order, uint8 (N, 3, H, W)."""
+        """The camera's frames of every episode, in buffer order, uint8 (N, 3, H, W): decoded from its videos, or
+        from the data parquet where the dataset stores images (dtype 'image', LeRobot's use_videos=False)."""
         feature = self.keys[key]
+        if self.info["features"][feature]["dtype"] == "image":
+            return self._parquet_images(buffer, key)
         episodes = read_parquet_rows(self._files("meta/episodes/*/*.parquet"))
         if not episodes:
             raise MissingFileError(f"{self.root}/meta/episodes/ has no parquet files: the video positions are there")
@@ -179,6 +205,22 @@ class LeRobotDataModule(TrajectoryDataModule):
                                 f"{len(lost)} are not in the video (first {lost[0]})")
             out[start:end] = torch.from_numpy(np.stack([by_frame[f] for f in wanted])).permute(0, 3, 1, 2)
         return out
+
+    def _parquet_images(self, buffer: ReplayBuffer, key: str) -> torch.Tensor:
+        feature = self.keys[key]
+        cells = read_parquet_rows(self._files("data/*/*.parquet"), columns=[feature])[feature][self._order]
+        out = torch.empty((buffer.num_steps, *self.env_image_shapes[key]), dtype=torch.uint8)
+        for row, cell in enumerate(cells):
+            frame = decode_image(cell, f"{self.root}/data: {feature} of frame {row}")
+            if (3, *frame.shape[:2]) != tuple(out.shape[1:]):
+                raise DataError(f"{self.root}/data: {feature} of frame {row} is {frame.shape[0]}x{frame.shape[1]}; "
+                                f"meta/info.json says {tuple(out.shape[2:])}")
+            out[row] = torch.from_numpy(frame).permute(2, 0, 1)
+        return out
+
+    def policy_spec(self) -> dict:
+        """With LeRobot's feature names, so the policy also takes observations keyed as LeRobot's are."""
+        return {**super().policy_spec(), "feature_keys": dict(self.keys)}
 
     def fit_normalizers(self) -> None:
         if self.normalizer == "fit":

@@ -33,6 +33,7 @@ class Policy:
         sample_kwargs: dict | None = None,
         task: str = "",
         image_shapes: dict | None = None,
+        feature_keys: dict | None = None,
     ):
         self.module = module.eval()
         self.task = task
@@ -42,6 +43,8 @@ class Policy:
         self.image_shapes = {k: tuple(int(d) for d in v) for k, v in (image_shapes or {}).items()}
         self.low_keys = [k for k in self.obs_keys if k not in self.image_shapes]
         self.obs_dims = {k: int(obs_dims[k]) for k in self.low_keys}
+        # our key -> a dataset's feature name (LeRobot's observation.state, ...): select_action takes either
+        self.feature_keys = {k: str(v) for k, v in (feature_keys or {}).items() if k in self.obs_keys}
         self.n_obs_steps, self.horizon, self.n_action_steps = n_obs_steps, horizon, n_action_steps
         self.sampler, self.steps = sampler, steps
         self.sample_kwargs = dict(sample_kwargs or {})  # e.g. eps_scale, time_shift_window for the DDPM family
@@ -56,7 +59,8 @@ class Policy:
         return cls(
             module, MinMaxNormalizer.from_state_dict(spec["obs_normalizer"]), MinMaxNormalizer.from_state_dict(spec["action_normalizer"]),
             spec["obs_keys"], spec["obs_dims"], int(spec["n_obs_steps"]), int(spec["horizon"]),
-            n_action_steps or int(spec["n_action_steps"]), task=spec["task"], image_shapes=spec.get("image_shapes"), **kwargs,
+            n_action_steps or int(spec["n_action_steps"]), task=spec["task"], image_shapes=spec.get("image_shapes"),
+            feature_keys=spec.get("feature_keys"), **kwargs,
         )
 
     @classmethod
@@ -69,7 +73,7 @@ class Policy:
         return {"obs_normalizer": self.obs_normalizer.state_dict(), "action_normalizer": self.action_normalizer.state_dict(),
                 "obs_keys": list(self.obs_keys), "obs_dims": dict(self.obs_dims), "n_obs_steps": self.n_obs_steps,
                 "horizon": self.horizon, "n_action_steps": self.n_action_steps, "task": self.task,
-                "image_shapes": {k: list(v) for k, v in self.image_shapes.items()}}
+                "image_shapes": {k: list(v) for k, v in self.image_shapes.items()}, "feature_keys": dict(self.feature_keys)}
 
     def make_env(self, render_size: int = 96):
         """A fresh environment of the task this policy was trained on."""
@@ -104,14 +108,13 @@ class Policy:
         dict of that array under 'low_dim' and each camera's uint8 frames (n_obs_steps, C, H, W)."""
         if len(history) < self.n_obs_steps:
             raise ValueError(f"need the last {self.n_obs_steps} observations, got {len(history)} (repeat the first one at an episode start)")
-        missing = [k for k in self.obs_keys if k not in history[-1]]
-        if missing:
-            raise KeyError(f"observation lacks {missing}; the policy observes {self.obs_keys}, the observation has {sorted(history[-1])}")
-        recent = history[-self.n_obs_steps :]
-        low = np.stack([np.concatenate([np.asarray(o[k], dtype=np.float32).ravel() for k in self.low_keys]) for o in recent])
+        recent = [self.canonical(o) for o in history[-self.n_obs_steps :]]
+        if any(batched for _, batched in recent):
+            raise ValueError("act() takes a history of single observations; for a batch use stack_batch, or select_action")
+        low = np.stack([o["__low"][0] for o, _ in recent])
         if not self.image_shapes:
             return low
-        return {"low_dim": low, **{k: np.stack([np.asarray(o[k], dtype=np.uint8) for o in recent]) for k in self.image_shapes}}
+        return {"low_dim": low, **{k: np.stack([o[k][0] for o, _ in recent]) for k in self.image_shapes}}
 
     def stack_batch(self, histories: list[list[dict]]):
         """stack() for several episodes: (B, n_obs_steps, obs_dim), or a dict of batched arrays with cameras."""
@@ -127,17 +130,80 @@ class Policy:
         self._queue: deque = deque()
 
     def select_action(self, obs: dict) -> np.ndarray:
-        """The action to execute now, (action_dim,), from the current observation dict only. The policy keeps the
+        """The action to execute now from the current observation only: (action_dim,), or (B, action_dim) for a batch
+        of B observations (a leading batch dimension on every entry, as LeRobot passes them). The policy keeps the
         last n_obs_steps observations (the first one repeated at an episode start, as training pads) and the
         n_action_steps actions of its last chunk; a new chunk is sampled when they run out, so stepping with
-        select_action is `act` on the history every n_action_steps steps. Call reset() between episodes."""
+        select_action is `act` on the history every n_action_steps steps. Call reset() between episodes.
+
+        Keys are this project's names or the dataset's feature names the policy was trained from
+        (`observation.state`, ...); values are arrays or tensors; camera frames are (C, H, W) or (H, W, C), uint8
+        in 0..255 or float in [0, 1] (LeRobot's convention)."""
+        obs, batched = self.canonical(obs)
+        if self._history and self._history[-1]["__batch"] != obs["__batch"]:
+            raise ValueError(f"select_action got a batch of {obs['__batch']} after {self._history[-1]['__batch']} in one episode: "
+                             "call reset() before changing the batch size")
         if not self._history:
             self._history.extend([obs] * self.n_obs_steps)
         else:
             self._history.append(obs)
         if not self._queue:
-            self._queue.extend(self.act(list(self._history)))
-        return self._queue.popleft()
+            recent = list(self._history)
+            low = np.stack([o["__low"] for o in recent], axis=1)  # (B, n_obs_steps, obs_dim)
+            history = {"low_dim": low, **{k: np.stack([o[k] for o in recent], axis=1) for k in self.image_shapes}} if self.image_shapes else low
+            chunk = self.act(history)  # (B, n_action_steps, action_dim)
+            self._queue.extend(chunk.transpose(1, 0, 2))
+        action = self._queue.popleft()
+        return action if batched else action[0]
+
+    def canonical(self, obs: dict) -> tuple[dict, bool]:
+        """An observation dict as (our keys, batched arrays, whether it came batched): the state part concatenated
+        in training order under '__low' (B, obs_dim), each camera as uint8 (B, C, H, W)."""
+        named = {}
+        aliases = {v: k for k, v in self.feature_keys.items()}
+        for key, value in obs.items():
+            ours = aliases.get(key, key)
+            if ours in self.obs_keys:
+                named[ours] = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        missing = [k for k in self.obs_keys if k not in named]
+        if missing:
+            named_as = "".join(f" ({k} may also be named {self.feature_keys[k]})" for k in missing if k in self.feature_keys)
+            raise KeyError(f"observation lacks {missing}{named_as}; the policy observes {self.obs_keys}, the observation has {sorted(obs)}")
+        first = self.low_keys[0]
+        batched = named[first].ndim == 2
+        rows = named[first].shape[0] if batched else 1
+        low = []
+        for k in self.low_keys:
+            value = named[k].astype(np.float32).reshape(rows, -1) if batched else named[k].astype(np.float32).reshape(1, -1)
+            if value.shape[1] != self.obs_dims[k] or (batched and named[k].shape[0] != rows):
+                raise ValueError(f"observation {k} has shape {named[k].shape}; the policy expects ({self.obs_dims[k]},) or "
+                                 f"(B, {self.obs_dims[k]}) with one B for every key")
+            low.append(value)
+        out = {"__low": np.concatenate(low, axis=1), "__batch": rows}
+        for k, shape in self.image_shapes.items():
+            out[k] = self._frames(k, named[k], shape, rows if batched else None)
+        return out, batched
+
+    @staticmethod
+    def _frames(key: str, value: np.ndarray, shape: tuple, rows: int | None) -> np.ndarray:
+        """A camera's frames as uint8 (B, C, H, W) from (C, H, W) / (H, W, C) (with a leading B when batched),
+        uint8 0..255 or float in [0, 1]."""
+        frames = value if rows is not None else value[None]
+        c, h, w = shape
+        if frames.ndim == 4 and frames.shape[1:] == (h, w, c) and frames.shape[1:] != (c, h, w):
+            frames = frames.transpose(0, 3, 1, 2)
+        if frames.ndim != 4 or frames.shape[1:] != (c, h, w) or (rows is not None and frames.shape[0] != rows):
+            raise ValueError(f"camera {key} has shape {value.shape}; the policy expects ({c}, {h}, {w}) or ({h}, {w}, {c})"
+                             f"{', with the batch first' if rows is not None else ''}")
+        if frames.dtype == np.uint8:
+            return frames
+        if np.issubdtype(frames.dtype, np.floating):
+            low, high = float(frames.min()), float(frames.max())
+            if low < 0.0 or high > 1.0:
+                raise ValueError(f"camera {key} is {frames.dtype} in [{low:g}, {high:g}]; float frames must be in [0, 1] "
+                                 "(LeRobot's convention), or pass uint8 0..255")
+            return np.rint(frames * 255.0).astype(np.uint8)
+        raise ValueError(f"camera {key} is {frames.dtype}; pass uint8 0..255 or float in [0, 1]")
 
     @torch.no_grad()
     def act(self, obs_history) -> np.ndarray:

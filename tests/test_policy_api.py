@@ -120,3 +120,64 @@ def test_a_broken_export_names_the_file_and_what_disagrees(tmp_path):
     with pytest.raises(ConfigError, match="a folder with other files in it"):
         export_policy(policy, tmp_path / "mine")
     assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "mine" / "thesis.tex").read_text() == "mine"
+
+
+class Echo(torch.nn.Module):
+    """A stand-in model whose action chunk is a function of what reaches it: the mean of each camera's uint8 frames
+    and of the normalised state, so the conversions of select_action can be compared exactly."""
+
+    def __init__(self, horizon=4, action_dim=2):
+        super().__init__()
+        self.horizon, self.action_dim, self.dummy = horizon, action_dim, torch.nn.Parameter(torch.zeros(1))
+
+    def sample(self, n, cond=None, generator=None, **kwargs):
+        assert cond["image"].dtype == torch.uint8
+        pixels = cond["image"].float().reshape(n, -1).mean(1)
+        state = cond["low_dim"].reshape(n, -1).mean(1)
+        return torch.stack([pixels / 255.0, state], dim=1)[:, None, :].expand(n, self.horizon, 2).clone()
+
+    device = torch.device("cpu")
+
+    def nfe(self, *args, **kwargs):
+        return 1
+
+
+def echo_policy():
+    from difflab.normalizer import MinMaxNormalizer
+
+    norm = MinMaxNormalizer(np.zeros(2, np.float32), np.ones(2, np.float32))
+    return Policy(Echo(), norm, norm, ["agent_pos", "image"], {"agent_pos": 2}, 2, 4, 2, image_shapes={"image": (3, 6, 5)},
+                  feature_keys={"agent_pos": "observation.state", "image": "observation.image"})
+
+
+def test_select_action_takes_lerobot_names_batches_hwc_and_float_frames():
+    """Issue 35: float [0, 1] frames were cast to 0/1, LeRobot's names gave a KeyError, a batch and HWC frames were
+    refused."""
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (3, 6, 5), dtype=np.uint8)
+    state = np.array([0.3, 0.7], np.float32)
+    ours = echo_policy()
+    want = ours.select_action({"agent_pos": state, "image": frame})
+    assert want[0] == pytest.approx((frame.mean() / 255.0 + 1) / 2)  # the action normaliser maps [-1, 1] to [0, 1]
+    for image in (frame.astype(np.float32) / 255.0, frame.transpose(1, 2, 0), torch.from_numpy(frame.transpose(1, 2, 0)).float() / 255):
+        policy = echo_policy()
+        got = policy.select_action({"observation.state": torch.from_numpy(state), "observation.image": image})
+        np.testing.assert_array_equal(got, want)
+    batched = echo_policy()
+    frames = np.stack([frame, 255 - frame])
+    got = batched.select_action({"observation.state": np.stack([state, state]), "observation.image": frames.astype(np.float32) / 255})
+    assert got.shape == (2, 2)
+    np.testing.assert_allclose(got[:, 0], [(frame.mean() / 255.0 + 1) / 2, ((255 - frame).mean() / 255.0 + 1) / 2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("obs,message", [
+    ({"observation.state": np.zeros(2), "image": np.zeros((3, 6, 5), np.float32) + 2.0}, r"camera image is float32 in \[2, 2\]; float frames must be in \[0, 1\]"),
+    ({"agent_pos": np.zeros(2), "image": np.zeros((4, 6, 5), np.uint8)}, r"camera image has shape \(4, 6, 5\); the policy expects \(3, 6, 5\) or \(6, 5, 3\)"),
+    ({"agent_pos": np.zeros(2), "image": np.zeros((3, 6, 5), np.int32)}, r"camera image is int32; pass uint8 0\.\.255 or float in \[0, 1\]"),
+    ({"agent_pos": np.zeros(3), "image": np.zeros((3, 6, 5), np.uint8)}, r"observation agent_pos has shape \(3,\); the policy expects \(2,\)"),
+])
+def test_select_action_refuses_what_it_cannot_read_in_one_line(obs, message):
+    with pytest.raises(ValueError, match=message):
+        echo_policy().select_action(obs)
+    with pytest.raises(KeyError, match=r"observation lacks \['image'\] \(image may also be named observation\.image\)"):
+        echo_policy().select_action({"agent_pos": np.zeros(2)})
