@@ -35,12 +35,18 @@ def _to_json(value):
     return value
 
 
-def export_policy(policy, folder: str | Path) -> Path:
+FORMATS = ("difflab", "lerobot")
+
+
+def export_policy(policy, folder: str | Path, format: str = "difflab", features: dict | None = None) -> Path:
     """Write `policy` (an envs.policy.Policy) to `folder`; an earlier export there is replaced, a file or a folder of
-    other files is refused."""
+    other files is refused. format='lerobot' writes what LeRobot's DiffusionPolicy.from_pretrained loads (state-based
+    DDPM policies; envs/export_lerobot.py), `features` mapping our observation keys to its feature names."""
     from safetensors.torch import save_file
 
     module = policy.module
+    if format not in FORMATS:
+        raise ConfigError(f"format={format!r}: use one of {FORMATS}")
     if not module.run_config:
         raise ValueError("the policy's model has no run config (it was not built by train.py or load_policy): nothing to rebuild it from")
     folder = Path(folder)
@@ -49,6 +55,10 @@ def export_policy(policy, folder: str | Path) -> Path:
     if folder.is_dir() and any(folder.iterdir()) and not (folder / "config.json").is_file():
         raise ConfigError(f"cannot export the policy to {folder}: it is a folder with other files in it, which exporting "
                           "would replace; name a new folder (or an earlier export, which is replaced)")
+    if format == "lerobot":
+        from envs.export_lerobot import export_lerobot
+
+        return export_lerobot(policy, folder, features)
     config = {
         "format": FORMAT, "version": VERSION,
         "method": f"{type(module).__module__}.{type(module).__qualname__}",
@@ -119,3 +129,42 @@ def load_exported(folder: str | Path, device: str = "cpu", seed: int | None = No
         spec[key] = {k: torch.tensor(v, dtype=torch.float32) for k, v in spec[key].items()}
     return Policy.from_spec(module, spec, sampler=config["sampler"], steps=config["steps"],
                             seed=config["seed"] if seed is None else seed, sample_kwargs=config["sample_kwargs"])
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """python -m envs.export CKPT FOLDER [--format lerobot] [--sampler ancestral] [--steps N] [--option variance=posterior]"""
+    import argparse
+
+    from difflab.cli import print_error
+    from difflab.errors import DifflabError
+    from envs.policy import load_policy
+
+    parser = argparse.ArgumentParser(prog="python -m envs.export", description="Export a policy checkpoint as a folder: "
+                                     "ours (safetensors + JSON, envs.export.load_exported) or LeRobot's (DiffusionPolicy.from_pretrained).")
+    parser.add_argument("ckpt_path", help="a policy checkpoint written by train.py")
+    parser.add_argument("folder", help="the folder to write (an earlier export there is replaced)")
+    parser.add_argument("--format", choices=FORMATS, default="difflab")
+    parser.add_argument("--sampler", default=None, help="the sampler the exported policy acts with (default: the model's)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a sampler option, e.g. variance=posterior, ddim_spacing=leading, eta=0 (repeatable)")
+    args = parser.parse_args(argv)
+    options = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    try:
+        policy, _ = load_policy(args.ckpt_path, args.sampler, args.steps, **options)
+        folder = export_policy(policy, args.folder, format=args.format)
+    except DifflabError as err:
+        print_error(err)
+        raise SystemExit(err.exit_code) from None
+    print(f"exported {args.ckpt_path} ({args.format}) -> {folder}")
+    return folder
+
+
+if __name__ == "__main__":
+    main()

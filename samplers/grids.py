@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-SPACINGS = ("uniform", "quadratic", "karras")
+SPACINGS = ("uniform", "quadratic", "karras", "leading")
 
 
 def karras(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
@@ -49,7 +49,9 @@ def discrete_levels(sigmas: torch.Tensor, steps: int, spacing: str = "uniform", 
 
     uniform:   evenly spaced in t (Lin et al. 2024's 'trailing': the first level is T-1, pure noise);
     quadratic: t_k = (T-1) (1 - k/(steps-1))^2, bunched near the data (Song et al. 2021's CIFAR-10 choice);
-    karras:    evenly spaced in sigma^(1/rho), each rounded to the nearest level in log sigma.
+    karras:    evenly spaced in sigma^(1/rho), each rounded to the nearest level in log sigma;
+    leading:   k * (T // steps) for k = steps-1 .. 0, diffusers' default 'leading' spacing (the top level is below
+               T-1 unless steps = T): what LeRobot's and diffusers' DDIM visit.
     Rounding can make neighbours equal; they are pushed apart by one level, so there are always `steps`.
     """
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
@@ -62,6 +64,8 @@ def discrete_levels(sigmas: torch.Tensor, steps: int, spacing: str = "uniform", 
     frac = torch.linspace(1.0, 0.0, steps, dtype=torch.float64)
     if spacing == "uniform":
         return (frac * top).round().long()
+    if spacing == "leading":
+        return torch.arange(steps - 1, -1, -1, dtype=torch.long) * (num // steps)
     if spacing == "quadratic":
         levels = (frac**2 * top).round().long()
     else:
