@@ -187,3 +187,23 @@ def test_lerobot_loads_the_export_strictly_and_acts_as_ours(tmp_path, sampler):
     assert result["tensors"] == len(GOLDEN["state_dict"])
     print(json.dumps(result))
     assert result["max_abs_diff"] < 1e-4 * result["max_abs_action"], (result, float(np.abs(actions).max()))
+
+
+@pytest.mark.slow
+def test_a_dataset_lerobot_wrote_with_images_reads_exactly(tmp_path):
+    python = lerobot_python()
+    if python is None:
+        pytest.skip("lerobot is not importable here: set DIFFLAB_LEROBOT_PYTHON to a Python with `lerobot[dataset]` installed")
+    pytest.importorskip("pyarrow")
+    from datamodules.lerobot import LeRobotDataModule
+
+    out = subprocess.run([python, str(ROOT / "tests" / "lerobot_write_images.py"), str(tmp_path / "ds"), str(tmp_path / "truth.npz")],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    truth = np.load(tmp_path / "truth.npz")
+    dm = LeRobotDataModule(str(tmp_path / "ds"), None, val_fraction=0.0)
+    buffer = dm.buffer()
+    np.testing.assert_array_equal(buffer.episode_ends, truth["ends"])
+    np.testing.assert_array_equal(buffer.data["agent_pos"], truth["states"])
+    np.testing.assert_array_equal(buffer.data["action"], truth["actions"])
+    np.testing.assert_array_equal(dm.images(buffer, "image").numpy(), truth["frames"].transpose(0, 3, 1, 2))
