@@ -29,6 +29,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
+from benchmarks.step_cost import step_seconds  # noqa: E402
 from lightning_modules.checkpoint import build_model  # noqa: E402
 
 PUSHT = os.environ.get("PUSHT_ZARR", str(ROOT.parent / "shared" / "data" / "pusht" / "pusht_cchi_v7_replay.zarr"))
@@ -50,15 +51,6 @@ def build(overrides: list[str]):
     optimizer = instantiate(cfg.model.optimizer)(module.parameters())
     params = sum(p.numel() for p in module.net.parameters())
     return module, batch, optimizer, params
-
-
-def step_seconds(module, batch, optimizer, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        module.loss(batch).backward()
-        optimizer.step()
-    return (time.perf_counter() - start) / steps
 
 
 def spin() -> None:

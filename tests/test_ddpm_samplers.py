@@ -88,6 +88,16 @@ def test_sampler_with_a_slightly_wrong_eps_fails_the_check(wrong):
         check_matches_mixture(x, MIXTURE)
 
 
+def test_leading_spacing_is_diffusers_default_ddim_timesteps():
+    """diffusers' DDIMScheduler (timestep_spacing='leading', steps_offset=0), what LeRobot's DDIM visits:
+    arange(steps) * (T // steps), reversed; it starts below T-1 unless steps divides into T exactly once per level."""
+    for T, steps in ((100, 10), (1000, 50), (100, 7), (100, 100)):
+        sigmas = torch.linspace(0.01, 10.0, T)
+        want = [k * (T // steps) for k in range(steps - 1, -1, -1)]
+        assert grids.discrete_levels(sigmas, steps, "leading").tolist() == want
+    assert grids.discrete_levels(torch.linspace(0.01, 10.0, 100), 10, "leading").tolist() == [90, 80, 70, 60, 50, 40, 30, 20, 10, 0]
+
+
 def test_ddim_timesteps_start_at_pure_noise_and_end_at_zero():
     module = exact_ddpm(MIXTURE)
     ts = grids.discrete_levels(module.level_sigmas, 50)
