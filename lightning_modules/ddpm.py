@@ -21,6 +21,7 @@ from samplers.core import batch_sigma, bcast
 
 PREDICTIONS = ("eps", "x0", "v")
 DDIM_SPACINGS = grids.SPACINGS
+KARRAS_TOP_SIGMA = 1000.0  # Karras' grid was built for sigma_max = 80; a linear T = 1000 schedule tops at 157
 
 
 class DDPM(DiffusionModule):
@@ -61,6 +62,7 @@ class DDPM(DiffusionModule):
         if not 1 <= sample_steps <= num_timesteps:
             raise ConfigError(f"model.sample_steps={sample_steps} must be in [1, model.num_timesteps={num_timesteps}]")
         self.schedule = DiscreteSchedule(make_betas(schedule, num_timesteps, beta_start, beta_end))
+        self.schedule_name = schedule
         self.prediction = prediction
         self.variance = variance
         self.sampler = sampler
@@ -83,6 +85,7 @@ class DDPM(DiffusionModule):
         self.time_shift_data_var = time_shift_data_var
         if ddim_spacing not in DDIM_SPACINGS:
             raise ConfigError(f"model.ddim_spacing must be one of {DDIM_SPACINGS}, got {ddim_spacing!r}")
+        self.check_spacing(ddim_spacing, "model.ddim_spacing")
         self.ddim_spacing = ddim_spacing
         self.check_default_sampler()
 
@@ -178,6 +181,15 @@ class DDPM(DiffusionModule):
     def to_ve(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         return x * (1 + sigma**2) ** 0.5
 
+    def check_spacing(self, spacing: str, setting: str) -> None:
+        """Karras' rho = 7 spacing is dense where sigma is large; with a top level of 2e4 (cosine, T = 1000) it puts 13
+        of 20 levels on the schedule's first 13 steps, so a solver's error stops falling with more steps: refused."""
+        top = float(self.level_sigmas[-1])
+        if spacing == "karras" and top > KARRAS_TOP_SIGMA:
+            raise ConfigError(f"{setting}=karras on this schedule (top sigma {top:.3g} > {KARRAS_TOP_SIGMA:g}: "
+                              f"model.schedule={self.schedule_name}) crowds its levels at pure noise; use "
+                              f"{setting}=uniform or quadratic")
+
     def grid_levels(self, sampler: str, steps: int, ddim_spacing: str | None = None) -> list[int]:
         """The trained levels a sampler visits, top first (all of them for ancestral)."""
         if sampler == "ancestral":
@@ -187,6 +199,7 @@ class DDPM(DiffusionModule):
         spacing = ddim_spacing or self.ddim_spacing
         if spacing not in DDIM_SPACINGS:
             raise ConfigError(f"ddim_spacing must be one of {DDIM_SPACINGS}, got {spacing!r}")
+        self.check_spacing(spacing, "ddim_spacing")
         return grids.discrete_levels(self.level_sigmas, steps, spacing).tolist()
 
     def grid(self, sampler: str, steps: int, options: dict | None = None) -> torch.Tensor:

@@ -25,7 +25,7 @@ def _transitions(levels: list[float]) -> int:
 
 
 def _heun_nfe(levels: list[float], options: dict) -> int:
-    return sum(2 if s > 0 else 1 for s in levels[1:])
+    return sum(1 if ode.heun_first_order(s, s_next) else 2 for s, s_next in zip(levels[:-1], levels[1:]))
 
 
 def _pc_nfe(levels: list[float], options: dict) -> int:

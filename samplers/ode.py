@@ -38,10 +38,25 @@ def heun_step(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, sigma_ne
     return x + (s1 - s0) * 0.5 * (d0 + d1)
 
 
+# A step from above the data's scale (sigma > 1: the data are scaled to [-1, 1]) whose sigma_next / sigma is below
+# 0.1 is taken first order (Euler = DDIM, one evaluation). There the slope (x - D) / sigma is the noise itself, which
+# Euler follows exactly, while the trapezoid averages it with the slope at a data-scale sigma_next and applies that
+# over the whole of sigma - sigma_next: from a cosine DDPM's sigma = 2e4 or flow matching's 999 it overshoots by
+# orders of magnitude (exact Gaussian denoiser, 10 steps: mean error 5.4 against Euler's 0.062). Steps below the
+# data scale keep Heun (0.12 -> 0.01 at the end of a linear DDPM grid is accurate second order), and EDM's own grids
+# never come near the ratio (>= 0.3 at 18 steps).
+HEUN_FIRST_ORDER_BELOW, HEUN_NOISE_SCALE = 0.1, 1.0
+
+
+def heun_first_order(s: float, s_next: float) -> bool:
+    return s_next == 0 or (s > HEUN_NOISE_SCALE and s_next / s < HEUN_FIRST_ORDER_BELOW)
+
+
 @torch.no_grad()
 def heun(denoiser: Denoiser, x: torch.Tensor, sigmas, generator=None, callback: Callback | None = None, progress=False,
          s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0):
-    """Karras et al. Algorithm 2 (Algorithm 1 when s_churn = 0): two evaluations per step, one on a step to 0.
+    """Karras et al. Algorithm 2 (Algorithm 1 when s_churn = 0): two evaluations per step, one on a step to 0 and on
+    a step from the noise regime that falls by more than 10x in sigma (first order there, see heun_first_order).
 
     With s_churn > 0 each step in [s_tmin, s_tmax] first raises the level by 1 + gamma with fresh noise.
     """
@@ -56,8 +71,9 @@ def heun(denoiser: Denoiser, x: torch.Tensor, sigmas, generator=None, callback: 
             x = x + math.sqrt(s_hat**2 - s**2) * s_noise * noise(x, generator)
         sig = batch_sigma(s_hat, x)
         watch(i, sig, x)
-        if s_next == 0:
-            x = denoiser(x, sig)  # Euler: the trapezoid's second slope (x - D) / sigma is undefined at sigma = 0
+        if heun_first_order(s, s_next):  # at sigma = 0 the trapezoid's second slope (x - D) / sigma is undefined too
+            d = denoiser(x, sig)
+            x = d + (s_next / s_hat) * (x - d)
         else:
             x = heun_step(denoiser, x, sig, batch_sigma(s_next, x))
     return x

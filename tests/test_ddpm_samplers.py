@@ -16,6 +16,7 @@ import samplers
 from conftest import ExactDDPMNet
 from lightning_modules.analytic import GaussianMixture
 from lightning_modules.ddpm import DDPM
+from difflab.errors import ConfigError
 from samplers import grids
 
 MIXTURE = GaussianMixture(means=[[-2.0, 0.0], [2.0, 0.0], [0.0, 3.0]], stds=[0.3, 0.5, 0.4], weights=[0.2, 0.3, 0.5])
@@ -156,6 +157,22 @@ def test_ddim_on_other_spacings_reproduces_the_mixture(spacing):
     g = torch.Generator().manual_seed(1)
     x = module.sample(N, sampler="ddim", steps=50, ddim_spacing=spacing, generator=g)
     check_matches_mixture(x, MIXTURE, extra_rel_std=0.05)
+
+
+def test_karras_spacing_on_a_cosine_schedule_is_refused_where_it_crowds_the_top():
+    """Cosine T = 1000 tops at sigma 2e4: Karras' rho = 7 grid put 13 of 20 levels on its first 13 steps (and DPM-Solver's
+    error stopped falling with more steps), so the pairing is refused; a linear schedule (top 157) keeps it."""
+    from functools import partial
+
+    from lightning_modules.nets import MLP
+
+    cosine = DDPM(MLP((2,), hidden=8, depth=1), partial(torch.optim.Adam), data_shape=(2,), schedule="cosine")
+    with pytest.raises(ConfigError, match=r"ddim_spacing=karras on this schedule \(top sigma 2\.03e\+04 > 1000"):
+        cosine.sample(2, sampler="dpmpp_2m", steps=20, ddim_spacing="karras")
+    with pytest.raises(ConfigError, match=r"model\.ddim_spacing=karras on this schedule"):
+        DDPM(MLP((2,), hidden=8, depth=1), partial(torch.optim.Adam), data_shape=(2,), schedule="cosine", ddim_spacing="karras")
+    linear = exact_ddpm(MIXTURE)
+    assert linear.grid_levels("dpmpp_2m", 20, "karras")[0] == 999
 
 
 def test_ddim_eta0_is_deterministic_and_eta1_is_not():

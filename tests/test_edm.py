@@ -284,7 +284,8 @@ def test_module_loss_starts_at_one_on_data_of_std_sigma_data_and_trains_on_one_b
     assert math.isfinite(first) and last < 0.7 * first, (first, last)
 
 
-@pytest.mark.parametrize("sampler,steps,nfe", [("heun", None, 35), ("heun", 5, 9), ("euler", 6, 6)])
+# heun at 5 steps: 2.52 -> 0.169 falls 15x from above the data's scale, a first-order step (samplers.ode.heun_first_order)
+@pytest.mark.parametrize("sampler,steps,nfe", [("heun", None, 35), ("heun", 5, 8), ("euler", 6, 6)])
 def test_module_samples_with_each_sampler_and_counts_nfe(sampler, steps, nfe):
     module = toy_module()
     calls = []
