@@ -19,7 +19,7 @@ from difflab.config_checks import check_config, check_known_keys
 from difflab.errors import SAMPLER_DIVERGED, ConfigError, require_finite
 from lightning_modules.checkpoint import instantiate_datamodule, load_module, sampling_options, sampling_tag
 
-SAMPLE_HINT = "Sampler settings for this call are sampler=, steps=, eta=, ddim_spacing=, eps_scale=, time_shift_window=, init_noise_scale=. "
+SAMPLE_HINT = "Sampler settings for this call are sampler=, steps= and any option the sampler takes (s_churn=40, eta=1, ...). "
 
 
 def policy_error(path) -> ConfigError:
@@ -73,5 +73,5 @@ def main(cfg: DictConfig) -> Path:
 
 
 if __name__ == "__main__":
-    refuse_training_groups("sample", SAMPLE_HINT)
+    refuse_training_groups("sample", SAMPLE_HINT)  # then key=value pairs of no setting here become sampler options
     main()

@@ -83,6 +83,18 @@ def entry_keys(config_name: str) -> set[str]:
     return (set(cfg.keys()) - {"defaults", "hydra"}) | {"paths"}
 
 
+def forward_sampler_options(entry: str) -> None:
+    """Before Hydra composes sample.py's or evaluate.py's config: every `key=value` that is not one of the entry's own
+    settings goes into its `options` dict (`s_churn=40` becomes `+options.s_churn=40`), and from there to the
+    sampler. The method's `check_sampling` is the one check of what a sampler takes, so there is no list of options
+    to keep here: a name no sampler of the method takes is refused there with the samplers that take it."""
+    own = entry_keys(entry) | {"hydra"}
+    for i, arg in enumerate(sys.argv[1:], start=1):
+        key, sep, value = arg.partition("=")
+        if sep and not arg.startswith("-") and key.isidentifier() and key not in own:
+            sys.argv[i] = f"+options.{key}={value}"
+
+
 def refuse_training_groups(entry: str, hint: str = "") -> None:
     """Before Hydra composes sample.py's or evaluate.py's config: `model=ddpm` there would get Hydra's advice to
     write `+model=ddpm`, which is refused next. A training config group on the command line gets the project's
@@ -100,3 +112,4 @@ def refuse_training_groups(entry: str, hint: str = "") -> None:
             raise
         print_error(err)
         sys.exit(err.exit_code)
+    forward_sampler_options(entry)

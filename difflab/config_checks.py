@@ -98,6 +98,8 @@ KEY_RULES: dict[str, Rule] = {
     "model.t_max": number(0, 1, low_open=True, high_open=True),
 }
 
+SAMPLER_OPTIONS = "options"  # sample.py's and evaluate.py's dict of sampler options (difflab.cli.forward_sampler_options)
+
 # What must be given where null would crash: sample.py draws exactly num_samples.
 ENTRY_RULES: dict[str, dict[str, Rule]] = {
     "sample": {"num_samples": POSITIVE},
@@ -136,8 +138,8 @@ def check_config(cfg: DictConfig, entry: str = "train") -> None:
     for key, value in _leaves(cfg):
         name = key.rsplit(".", 1)[-1]
         rule = KEY_RULES.get(key) or extra.get(key) or RULES.get(name)
-        if rule is not None:
-            rule.check(key, value)
+        if rule is not None:  # a sampler option of sample.py / evaluate.py is shown as typed: eps_scale=, not options.eps_scale=
+            rule.check(key.removeprefix(f"{SAMPLER_OPTIONS}.") if entry != "train" else key, value)
     trainer = cfg.get("trainer")
     if entry == "train" and trainer is not None and not trainer.get("fast_dev_run"):
         max_steps, max_epochs = trainer.get("max_steps"), trainer.get("max_epochs")

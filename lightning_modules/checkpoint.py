@@ -14,18 +14,16 @@ from difflab.errors import CheckpointError, ConfigError, MissingFileError
 from lightning_modules.base import DiffusionModule
 
 
-# DDPM-family sampling options that sample.py and evaluate.py take on the command line (null: the model's own)
-SAMPLING_OPTIONS = ("eta", "eps_scale", "time_shift_window", "ddim_spacing", "init_noise_scale")
-
-
 def sampling_options(cfg: DictConfig) -> dict:
-    """The SAMPLING_OPTIONS set in a sample/evaluate config, as keyword arguments of `module.sample`."""
-    return {k: cfg[k] for k in SAMPLING_OPTIONS if cfg.get(k) is not None}
+    """The sampler options of a sample/evaluate call (its `options` dict, which the command line's `key=value`
+    pairs fill), as keyword arguments of `module.sample`; null means "the model's own"."""
+    options = cfg.get("options") or {}
+    return {str(k): (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v) for k, v in options.items() if v is not None}
 
 
 def sampling_tag(cfg: DictConfig) -> str:
-    """A file-name suffix for the SAMPLING_OPTIONS set (e.g. '_ddim_spacing-quadratic'), so that default output
-    names of runs with different options do not overwrite each other."""
+    """A file-name suffix for the options set (e.g. '_ddim_spacing-quadratic'), so that default output names of runs
+    with different options do not overwrite each other."""
     return "".join(f"_{k}-{v}" for k, v in sampling_options(cfg).items())
 
 
