@@ -11,10 +11,11 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from difflab.pictures import save_png
-from difflab.cli import entry_keys, one_line_errors, refuse_training_groups, writable_dir
+from datamodules.base import one_hot
+from difflab.cli import entry_keys, one_line_errors, refuse_training_groups, requested_labels, writable_dir
 from difflab.config_checks import check_config, check_known_keys
 from difflab.errors import SAMPLER_DIVERGED, ConfigError, require_finite
 from lightning_modules.checkpoint import instantiate_datamodule, load_module, sampling_options, sampling_tag
@@ -53,9 +54,13 @@ def main(cfg: DictConfig) -> Path:
     samples_root = Path(cfg.ckpt_path).resolve().parent.parent / "samples"
     writable_dir(cfg.out_dir or samples_root, "out_dir" if cfg.out_dir else f"the default out_dir ({samples_root}); set out_dir=")
 
+    labels, num_samples, layout = requested_labels(
+        OmegaConf.to_container(cfg.labels) if OmegaConf.is_config(cfg.labels) else cfg.labels, cfg.num_samples, datamodule, cfg.ckpt_path)
+    cond = None if labels is None else one_hot(labels, datamodule.num_classes).to(device)
+
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.perf_counter()
-    x, nfe = module.sample_many(cfg.num_samples, cfg.batch_size, generator, progress=cfg.progress, return_nfe=True, **kwargs)
+    x, nfe = module.sample_many(num_samples, cfg.batch_size, generator, cond=cond, progress=cfg.progress, return_nfe=True, **kwargs)
     seconds = time.perf_counter() - start
     require_finite(x, f"the samples of sampler={sampler} ({nfe} NFE)", SAMPLER_DIVERGED)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else samples_root / f"{Path(cfg.ckpt_path).stem}_{sampler}_{nfe}nfe{sampling_tag(cfg)}"
@@ -65,9 +70,10 @@ def main(cfg: DictConfig) -> Path:
         out_dir / "samples.npz",
         samples=datamodule.unnormalize(x).numpy(),
         sampler=str(sampler), steps=int(steps or 0), nfe=nfe, global_step=int(ckpt.get("global_step", -1)),
+        **({} if labels is None else {"labels": labels.numpy()}),
     )
-    shown = x[:256] if datamodule.data_kind == "image" else x
-    png = save_png(datamodule.render(shown), out_dir / "samples.png")
+    shown = x if layout else (x[:256] if datamodule.data_kind == "image" else x)
+    png = save_png(datamodule.render(shown, **layout), out_dir / "samples.png")
     print(f"{len(x)} samples in {seconds:.1f}s ({len(x) / seconds:.1f} samples/s) -> {out_dir / 'samples.npz'} and {png}")
     return out_dir
 

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from callbacks.periodic import SMOKE_EPISODE_STEPS, SMOKE_SAMPLES
 from callbacks.sample_logger import log_image
+from datamodules.base import balanced_labels, one_hot
 from difflab.pictures import save_png
 from difflab.checkpoint_io import SafeCheckpointIO
 from difflab.cli import one_line_errors, print_error, resume_command
@@ -133,13 +134,18 @@ def final_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Trainer, o
     start = time.perf_counter()
     module = module.to(trainer.strategy.root_device)
     generator = torch.Generator(device=module.device).manual_seed(cfg.final_eval.seed)
-    x, nfe = module.sample_many(num_samples, 1024, generator, sampler=sampler, steps=steps, return_nfe=True)
+    labels, cond, layout = None, None, {}
+    if getattr(datamodule, "cond_kind", None) == "labels":  # every class equally often; a grid with a column per class
+        labels = balanced_labels(num_samples, datamodule.num_classes)
+        cond, layout = one_hot(labels, datamodule.num_classes).to(module.device), {"nrow": datamodule.num_classes}
+    x, nfe = module.sample_many(num_samples, 1024, generator, cond=cond, sampler=sampler, steps=steps, return_nfe=True)
     seconds = time.perf_counter() - start
     kept = (f"the run's checkpoints are kept; {SAMPLER_DIVERGED}, e.g. with "
             f"python evaluate.py ckpt_path={getattr(trainer.checkpoint_callback, 'last_model_path', '') or '<run>/checkpoints/last.ckpt'}")
     require_finite(x, f"the final samples (sampler={sampler or module.sampler})", kept)
     out_dir.mkdir(parents=True, exist_ok=True)
-    image = datamodule.render(x[:64] if datamodule.data_kind == "image" else x)
+    shown = x[: 64 - 64 % datamodule.num_classes] if labels is not None else (x[:64] if datamodule.data_kind == "image" else x)
+    image = datamodule.render(shown, **layout)
     png = save_png(image, out_dir / "samples.png")
     np.savez_compressed(out_dir / "samples.npz", samples=datamodule.unnormalize(x).numpy())
     result = {
@@ -157,6 +163,10 @@ def final_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Trainer, o
         metric = None
         result["metric_skipped"] = " ".join(str(err).split())
         log.warning(f"final quality figure skipped: {result['metric_skipped']}")
+    if labels is not None and hasattr(datamodule, "label_accuracy"):
+        hits = datamodule.label_accuracy(x, labels).float()
+        result["label_accuracy"] = float(hits.mean())
+        result["per_class_accuracy"] = [round(float(hits[labels == c].mean()), 4) for c in range(datamodule.num_classes)]
     if metric is not None:
         result["metric"] = metric.name
         result["value"] = float(metric(x))
@@ -175,6 +185,9 @@ def final_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Trainer, o
 @one_line_errors
 def main(cfg: DictConfig) -> dict | None:
     check_config(cfg, "train")
+    if cfg.model.get("cond_drop", None) is None:  # resolved before the resume check compares it with the checkpoint's
+        with open_dict(cfg):
+            cfg.model.cond_drop = 0.1 if cfg.data.get("labels") else 0.0
     if cfg.ckpt_path:  # before any data or net is built: a wrong path or another run's checkpoint fails at once
         check_compatible(read_checkpoint(cfg.ckpt_path), cfg, cfg.ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
@@ -225,7 +238,8 @@ def main(cfg: DictConfig) -> dict | None:
     elif "closed_loop" in result:
         lines[-1] = f"Policy:         no closed-loop evaluation: {result['closed_loop']}; final val/loss {result['value']}"
     elif "value" in result:
-        lines.append(f"Quality:        {result['metric']} = {result['value']:.4g} (floor {result['floor']:.4g}, {result['num_samples']} samples)")
+        lines.append(f"Quality:        {result['metric']} = {result['value']:.4g} (floor {result['floor']:.4g}, {result['num_samples']} samples)"
+                     + (f"; label accuracy {result['label_accuracy']:.3f}" if "label_accuracy" in result else ""))
     elif "metric_skipped" in result:
         lines.append(f"Quality:        skipped ({result['metric_skipped'][:160]}...)")
     lines += [f"Metrics:        {out_dir / 'final' / 'metrics.json'}", f"TensorBoard:    tensorboard --logdir {out_dir}"]

@@ -15,6 +15,7 @@ import torch
 
 from callbacks.ema import ema_weights
 from callbacks.periodic import EveryNValidations
+from datamodules.base import balanced_labels, one_hot
 
 
 def shard_size(total: int, world_size: int, rank: int) -> int:
@@ -34,18 +35,28 @@ def gather_shards(trainer: pl.Trainer, x: torch.Tensor, total: int) -> torch.Ten
     return torch.cat(parts).cpu()
 
 
-def measure(trainer: pl.Trainer, pl_module, metric, num_samples: int, seed: int, batch_size: int, **sample_kwargs) -> float | None:
-    """Sample `num_samples` over all ranks with the EMA weights and return the metric (on every rank for
-    synced metrics, on rank 0 otherwise; None on the other ranks)."""
+def measure(trainer: pl.Trainer, pl_module, metric, num_samples: int, seed: int, batch_size: int, **sample_kwargs) -> dict | None:
+    """Sample `num_samples` over all ranks with the EMA weights and return {metric name: value} (on every rank for
+    synced metrics, on rank 0 otherwise; None on the other ranks). Labelled data: the labels cycle through every
+    class, and the share of samples the data's classifier reads as their label is `label_accuracy` beside it."""
     rank, world = trainer.global_rank, trainer.world_size
     generator = torch.Generator(device=pl_module.device).manual_seed(seed + 1_000_003 * rank)
+    datamodule, shard = trainer.datamodule, shard_size(num_samples, world, rank)
+    labels = None
+    if getattr(datamodule, "cond_kind", None) == "labels":
+        labels = balanced_labels(shard, datamodule.num_classes, sum(shard_size(num_samples, world, r) for r in range(rank)))
+        sample_kwargs = {**sample_kwargs, "cond": one_hot(labels, datamodule.num_classes).to(pl_module.device)}
     with ema_weights(trainer, pl_module):
-        x = pl_module.sample_many(shard_size(num_samples, world, rank), batch_size, generator, **sample_kwargs)
+        x = pl_module.sample_many(shard, batch_size, generator, **sample_kwargs)
+    extra = {}
+    if labels is not None and hasattr(datamodule, "label_accuracy"):
+        hits = gather_shards(trainer, datamodule.label_accuracy(x, labels).float(), num_samples)
+        extra = {"label_accuracy": float(hits.mean())}
     if hasattr(metric, "update"):
         metric.update(x)
-        return metric.compute()
+        return {metric.name: metric.compute(), **extra}
     x = gather_shards(trainer, x, num_samples)
-    return metric(x) if trainer.is_global_zero else None
+    return {metric.name: metric(x), **extra} if trainer.is_global_zero else None
 
 
 class QualityMetric(EveryNValidations):
@@ -63,7 +74,7 @@ class QualityMetric(EveryNValidations):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Built at start so a missing resource (Inception weights) fails before any training time is spent.
-        if stage == "fit" and self.metric is None and getattr(pl_module, "cond_dim", None) is None:
+        if stage == "fit" and self.metric is None and getattr(trainer.datamodule, "cond_kind", None) != "observations":
             self.metric = trainer.datamodule.make_metric()
             if hasattr(self.metric, "to"):
                 self.metric.to(pl_module.device)
@@ -74,11 +85,11 @@ class QualityMetric(EveryNValidations):
         # Under fast_dev_run too few samples for a meaningful figure (FID needs 2+): the pipeline is what is checked.
         num_samples = max(self.count(trainer, self.num_samples), 2)
         sampling = self.sampling(trainer, pl_module, self.sampler, self.steps)
-        value = measure(trainer, pl_module, self.metric, num_samples, self.seed, self.batch_size, **sampling)
-        if trainer.is_global_zero and value is not None:
+        values = measure(trainer, pl_module, self.metric, num_samples, self.seed, self.batch_size, **sampling)
+        if trainer.is_global_zero and values is not None:
             name = self.metric.name
             nfe = pl_module.nfe(sampling.get("sampler"), sampling.get("steps"))  # None: an adaptive solver's
-            logged = {f"quality/{name}": value, **({f"quality/{name}_nfe": nfe} if nfe is not None else {})}
+            logged = {f"quality/{k}": v for k, v in values.items()} | ({f"quality/{name}_nfe": nfe} if nfe is not None else {})
             if not hasattr(self.metric, "update"):
                 # cheap for digits/toys; FID's floor needs 10k held-out images through Inception: see evaluate.py
                 logged[f"quality/{name}_floor"] = self.metric.floor(num_samples)

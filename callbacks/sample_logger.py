@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.ema import ema_weights
 from callbacks.periodic import EveryNValidations
+from datamodules.base import one_hot
 from difflab.pictures import save_png
 
 
@@ -31,7 +32,7 @@ class SampleLogger(EveryNValidations):
         self.seed = seed
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if getattr(pl_module, "cond_dim", None) is not None:
+        if getattr(trainer.datamodule, "cond_kind", None) == "observations":  # a policy: the rollout callback draws it
             return
         if self.due(trainer):
             self._draw(trainer, pl_module)
@@ -39,10 +40,15 @@ class SampleLogger(EveryNValidations):
     @rank_zero_only
     def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        datamodule, n = trainer.datamodule, self.count(trainer, self.num_samples)
+        cond, layout = None, {}
+        if getattr(datamodule, "cond_kind", None) == "labels":  # one row per class
+            per_class = max(n // datamodule.num_classes, 1)
+            labels = torch.arange(datamodule.num_classes).repeat_interleave(per_class)
+            cond, n, layout = one_hot(labels, datamodule.num_classes).to(pl_module.device), len(labels), {"nrow": per_class}
         with ema_weights(trainer, pl_module):
-            x = pl_module.sample(self.count(trainer, self.num_samples), generator=generator,
-                                 **self.sampling(trainer, pl_module, self.sampler, self.steps))
-        image = trainer.datamodule.render(x)
+            x = pl_module.sample(n, cond=cond, generator=generator, **self.sampling(trainer, pl_module, self.sampler, self.steps))
+        image = datamodule.render(x, **layout)
         log_image(trainer, "samples", image, trainer.global_step)
         out_dir = Path(trainer.default_root_dir) / "samples"
         save_png(image, out_dir / f"step_{trainer.global_step:07d}.png")

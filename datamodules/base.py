@@ -25,6 +25,19 @@ def check_finite(name: str, array, where: str = "") -> None:
                         f"{shown}{' ...' if values[row].numel() > 8 else ''}): repair or drop those rows; nothing was trained")
 
 
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class labels as the float condition vector every net reads (the null condition is learned beside it)."""
+    labels = torch.as_tensor(labels).long()
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ConfigError(f"labels must be in 0..{num_classes - 1}, got {labels.min().item()}..{labels.max().item()}")
+    return torch.nn.functional.one_hot(labels, num_classes).float()
+
+
+def balanced_labels(n: int, num_classes: int, offset: int = 0) -> torch.Tensor:
+    """n labels cycling through every class (a uniform draw without its sampling noise); offset continues a cycle."""
+    return (torch.arange(n) + offset) % num_classes
+
+
 def collate_dict(batch):
     """TensorDictDataset already returns whole batches: pass them through."""
     return batch
@@ -55,6 +68,11 @@ class ArrayDataModule(pl.LightningDataModule):
 
     data_kind = "image"  # 'image' | 'points' | 'trajectory': how samples are rendered
     num_levels: int | None = None  # discrete intensity levels (dequantisation for bits/dim); None: continuous data
+
+    # What a batch's cond is: None (unconditional), "labels" (one-hot class labels, num_classes of them), or
+    # "observations" (a policy's history): callbacks and the final evaluation decide what to draw from it.
+    cond_kind: str | None = None
+    num_classes: int | None = None
 
     def __init__(self, batch_size: int = 128, num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
                  shuffle_seed: int | None = None):

@@ -29,6 +29,7 @@ class TrajectoryDataModule(ArrayDataModule):
     builds the environment: `envs.make_env(task)` does."""
 
     data_kind = "trajectory"
+    cond_kind = "observations"
     task: str = ""
     env_obs_dims: dict[str, int] = {}
     env_image_shapes: dict[str, tuple[int, int, int]] = {}  # camera keys (C, H, W), uint8

@@ -113,3 +113,34 @@ def refuse_training_groups(entry: str, hint: str = "") -> None:
         print_error(err)
         sys.exit(err.exit_code)
     forward_sampler_options(entry)
+
+
+def requested_labels(labels, num_samples: int, datamodule, path) -> tuple["torch.Tensor | None", int, dict]:
+    """(labels per sample or None, how many samples, the grid layout) for sample.py's `labels=`: a class, a list of
+    classes (cycled), `all` (one row per class) or null (every class in turn); refused in one line where it does not
+    fit the checkpoint."""
+    import math
+
+    import torch
+
+    from datamodules.base import balanced_labels
+    from difflab.errors import ConfigError
+
+    classes = getattr(datamodule, "num_classes", None) if getattr(datamodule, "cond_kind", None) == "labels" else None
+    if classes is None:
+        if labels is not None:
+            raise ConfigError(f"labels={labels} is for a class-conditional checkpoint; {path} was trained without labels "
+                              "(train one with data.labels=true)")
+        return None, num_samples, {}
+    if labels is None:
+        return balanced_labels(num_samples, classes), num_samples, {}
+    if labels == "all":
+        per_class = math.ceil(num_samples / classes)
+        return torch.arange(classes).repeat_interleave(per_class), per_class * classes, {"nrow": per_class}
+    wanted = list(labels) if isinstance(labels, (list, tuple)) or hasattr(labels, "__iter__") and not isinstance(labels, str) else [labels]
+    if not wanted or not all(isinstance(c, int) and not isinstance(c, bool) for c in wanted):
+        raise ConfigError(f"labels={labels} is not valid: a class number, a list of them ([0,1,2]) or all")
+    bad = [c for c in wanted if not 0 <= c < classes]
+    if bad:
+        raise ConfigError(f"labels={labels}: {bad[0]} is out of range; this model's classes are 0..{classes - 1}")
+    return torch.tensor(wanted)[torch.arange(num_samples) % len(wanted)], num_samples, {}

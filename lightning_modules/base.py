@@ -19,9 +19,12 @@ import samplers
 from difflab.errors import ConfigError, TrainingDiverged
 from lightning_modules.exposure_fixes import scale_eps
 from samplers import grids
+from samplers.guidance import Guided
 from samplers.likelihood import dequantize, log_likelihood
 
 VAL_SEED = 12345  # validation noise is fixed so val/loss is comparable across steps
+
+GUIDANCE_OPTIONS = ("guidance", "guidance_interval")  # samplers.guidance, on every sampler of a denoiser
 
 # NCSN's annealed Langevin: eps / sigma_L^2 = 2e-5 / 0.01^2 (Song & Ermon 2019)
 LANGEVIN_RATIO = 0.2
@@ -70,6 +73,32 @@ class DiffusionModule(pl.LightningModule):
         # of a batch into the flat cond, trained end to end with the method, so no method needs to know about pixels.
         self.obs_encoder: nn.Module | None = None
         self.obs_spec: dict | None = None  # what rebuilds obs_encoder (the datamodule's obs_spec), saved in checkpoints
+        # Condition dropout (model.cond_drop, set by build_model): the probability that a training example's condition
+        # is replaced by the learned null condition, which classifier-free guidance then contrasts with.
+        self.cond_drop = 0.0
+        self.null_cond: nn.Parameter | None = None
+
+    def enable_cond_drop(self, p: float) -> None:
+        """Train with condition dropout at rate p: a learned null condition in the (encoded) condition's space, so
+        every net and every method take it as they take any condition."""
+        if not 0.0 <= p < 1.0:
+            raise ConfigError(f"model.cond_drop={p} is not valid: a probability in [0, 1)")
+        if p > 0 and self.cond_dim is None:
+            raise ConfigError("model.cond_drop needs a conditional model (labels or observations in the data); this data "
+                              "has no condition: drop model.cond_drop")
+        self.cond_drop = float(p)
+        if p > 0 and self.null_cond is None:
+            self.null_cond = nn.Parameter(torch.zeros(int(self.cond_dim)))
+
+    def drop_cond(self, batch: dict) -> dict:
+        """Each example's (encoded) condition replaced by the null one with probability cond_drop (training only)."""
+        cond = batch.get("cond")
+        if self.null_cond is None or self.cond_drop == 0.0 or not torch.is_tensor(cond):
+            return batch
+        drop = torch.rand(cond.shape[0], device=cond.device) < self.cond_drop
+        flat = cond.reshape(cond.shape[0], -1)
+        null = self.null_cond.to(flat.dtype).expand_as(flat)
+        return {**batch, "cond": torch.where(drop[:, None], null, flat).reshape(cond.shape)}
 
     # --- what a method provides -------------------------------------------------------------
     def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -112,9 +141,15 @@ class DiffusionModule(pl.LightningModule):
         return float(eps_scale)
 
     def sampling_denoiser(self, cond, sampler: str, options: dict):
-        """The denoiser the samplers see: the method's, with Epsilon Scaling when eps_scale is set, clipped to the
-        data range with clip_denoised (every x0 estimate, as DDPM's x0 clip); a method may wrap it further."""
-        denoiser = lambda x, sigma: self.denoise(x, sigma, cond)  # noqa: E731
+        """The denoiser the samplers see: the method's, classifier-free guided with guidance=w (the conditional and null
+        passes in one batch), with Epsilon Scaling when eps_scale is set, clipped to the data range with
+        clip_denoised (every x0 estimate, as DDPM's x0 clip); a method may wrap it further."""
+        guidance = options.get("guidance")
+        if guidance is not None and float(guidance) != 1.0:
+            null = self.null_cond.to(cond.dtype).expand(cond.shape[0], -1).reshape(cond.shape)
+            denoiser = options["_guided"] = Guided(self.denoise, cond, null, float(guidance), options.get("guidance_interval"))
+        else:
+            denoiser = lambda x, sigma: self.denoise(x, sigma, cond)  # noqa: E731
         if options.get("eps_scale") is not None:
             denoiser = scale_eps(denoiser, self.eps_lambda(float(options["eps_scale"])))
         return samplers.clipped(denoiser) if self.clip_denoised else denoiser
@@ -152,6 +187,7 @@ class DiffusionModule(pl.LightningModule):
         if why is not None:
             raise ConfigError(f"sampler={asked} is not defined for {name}: {why}")
         allowed = self.allowed_options(sampler)
+        self.check_guidance(options)
         for key, value in options.items():
             if value is None or key in allowed:
                 continue
@@ -168,10 +204,33 @@ class DiffusionModule(pl.LightningModule):
         except ConfigError as err:
             raise ConfigError(f"model.sampler: {err}") from None
 
+    def check_guidance(self, options: dict) -> None:
+        """guidance= / guidance_interval= need a model trained with condition dropout (its learned null condition)."""
+        given = {k: options[k] for k in GUIDANCE_OPTIONS if options.get(k) is not None}
+        if not given:
+            return
+        name = type(self).__name__
+        if self.provides != samplers.DENOISER:
+            raise ConfigError(f"guidance= is a wrapper of a denoiser; a {name} has none (it samples with sampler=cm)")
+        if self.cond_dim is None:
+            raise ConfigError(f"guidance= needs a conditional model, and this {name} was trained without a condition: "
+                              "train on labelled data (e.g. data.labels=true) or on demonstrations")
+        if self.null_cond is None:
+            raise ConfigError(f"guidance= contrasts the condition with a learned null condition, which this {name} was "
+                              "trained without: retrain with model.cond_drop=0.1 (condition dropout)")
+        w = given.get("guidance", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise ConfigError(f"guidance={w} is not valid: a number >= 0 (1: the conditional model, 0: the unconditional one)")
+        interval = given.get("guidance_interval")
+        if interval is not None and (not isinstance(interval, (list, tuple)) or len(interval) != 2
+                                     or not all(isinstance(v, (int, float)) for v in interval) or not 0 <= interval[0] < interval[1]):
+            raise ConfigError(f"guidance_interval={interval} is not valid: [sigma_lo, sigma_hi] with 0 <= lo < hi "
+                              "(guidance only for sigma in that range, e.g. [0.28, 5.42] in EDM2's units)")
+
     def allowed_options(self, sampler: str) -> set[str]:
         allowed = set(samplers.get(sampler).options) | set(self.method_options.get(sampler, ()))
         if self.provides == samplers.DENOISER:
-            allowed.add("eps_scale")  # a wrapper of any denoiser (lightning_modules.exposure_fixes)
+            allowed |= {"eps_scale", *GUIDANCE_OPTIONS}  # wrappers of any denoiser (exposure_fixes, samplers.guidance)
         if sampler not in self.fixed_grid:
             allowed.add("steps")
         return allowed
@@ -200,7 +259,13 @@ class DiffusionModule(pl.LightningModule):
         """Network evaluations per sample for a sampler setting (None for an adaptive solver: sample(...,
         return_nfe=True) returns what it spent)."""
         sampler, opts, sigmas = self._plan(sampler, steps, options)
-        return samplers.get(sampler).nfe(sigmas.tolist(), opts)
+        count = samplers.get(sampler).nfe(sigmas.tolist(), opts)
+        w = opts.get("guidance")
+        if count is None or w is None or float(w) in (0.0, 1.0):
+            return count
+        # two net evaluations per guided call; with an interval, which calls are guided depends on where the sampler
+        # evaluates (Heun's second point, ...): sample(..., return_nfe=True) counts them
+        return None if opts.get("guidance_interval") is not None else 2 * count
 
     @torch.no_grad()
     def sample(self, num_samples: int, cond=None, sampler: str | None = None, steps: int | None = None,
@@ -216,7 +281,9 @@ class DiffusionModule(pl.LightningModule):
             x = self.first_draw_std(first, opts) * self.prior_noise(num_samples, generator)
         else:
             x = self.to_ve(x_T, first)
-        denoiser = samplers.Counted(self.sampling_denoiser(cond, sampler, opts))
+        denoiser = self.sampling_denoiser(cond, sampler, opts)
+        guided = opts.get("_guided")
+        denoiser = samplers.Counted(denoiser, None if guided is None else (lambda: guided.cost))
         kwargs = {k: opts[k] for k in (*spec.options, "reread") if k in opts}
         x = spec.fn(denoiser, x, sigmas, generator=generator, callback=callback, progress=progress, **kwargs)
         if self.clip_denoised:
@@ -325,7 +392,7 @@ class DiffusionModule(pl.LightningModule):
 
     # --- Lightning ----------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(self.encoded(batch))
+        loss = self.loss(self.drop_cond(self.encoded(batch)))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["x"].shape[0])
         return loss
 

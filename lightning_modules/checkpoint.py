@@ -72,11 +72,16 @@ def build_model(cfg: DictConfig, data_shape, cond_dim, obs_spec: dict | None = N
         cond_dim = encoder.out_dim
     # A method whose architecture is part of it (an LSTM with a mixture head, BET's GPT with bin heads) builds its own
     # net from model.*; the net group does not apply to it.
-    if getattr(get_class(cfg.model._target_), "owns_net", False):
-        model = instantiate(cfg.model, net=None, data_shape=data_shape, cond_dim=cond_dim)
+    # model.cond_drop belongs to the shared base (condition dropout and its learned null condition), not to a method's
+    # constructor: taken out here and applied to whichever method is built
+    method = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+    cond_drop = float(method.pop("cond_drop", None) or 0.0)
+    if getattr(get_class(method._target_), "owns_net", False):
+        model = instantiate(method, net=None, data_shape=data_shape, cond_dim=cond_dim)
     else:
         net = instantiate(cfg.net, data_shape=data_shape, cond_dim=cond_dim)
-        model = instantiate(cfg.model, net=net, data_shape=data_shape, cond_dim=cond_dim)
+        model = instantiate(method, net=net, data_shape=data_shape, cond_dim=cond_dim)
+    model.enable_cond_drop(cond_drop)
     if encoder is not None:
         model.obs_encoder, model.obs_spec = encoder, obs_spec
     return model

@@ -36,14 +36,17 @@ def noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
 
 
 class Counted:
-    """A denoiser that counts its calls: the NFE a sampler really spent, returned with the samples."""
+    """A denoiser that counts the net evaluations per sample it made: the NFE a sampler really spent, returned with
+    the samples. `cost()`, when given, is how many net evaluations the call just made (guidance's conditional and
+    null passes are two)."""
 
-    def __init__(self, denoiser: Denoiser):
-        self.denoiser, self.calls = denoiser, 0
+    def __init__(self, denoiser: Denoiser, cost: Callable[[], int] | None = None):
+        self.denoiser, self.calls, self.cost = denoiser, 0, cost
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.denoiser(x, sigma)
+        out = self.denoiser(x, sigma)
+        self.calls += 1 if self.cost is None else self.cost()
+        return out
 
 
 class Watch:

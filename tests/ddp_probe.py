@@ -25,6 +25,8 @@ NUM_SAMPLES = 11  # odd on purpose: shards of 6 and 5
 class Rows(Metric):
     """A synced metric (like FID): each rank adds its rows; compute() sees every rank's."""
 
+    name = "rows"
+
     def __init__(self):
         super().__init__()
         self.add_state("rows", default=[], dist_reduce_fx="cat")
@@ -39,6 +41,8 @@ class Rows(Metric):
 
 class Gathered:
     """A plain metric (like the digits Frechet distance): called once, on rank 0, with every sample."""
+
+    name = "rows"
 
     def __call__(self, x):
         return x.clone()
@@ -73,8 +77,8 @@ class Probe(pl.Callback):
             params_after_fit=torch.cat([p.detach().flatten() for p in ema._average_model.module.parameters()]),
             lr=trainer.optimizers[0].param_groups[0]["lr"],
             batches=torch.stack(self.batches),
-            synced=measure(trainer, pl_module, Rows(), NUM_SAMPLES, seed=3, batch_size=4, steps=3),
-            gathered=measure(trainer, pl_module, Gathered(), NUM_SAMPLES, seed=3, batch_size=4, steps=3),
+            synced=measure(trainer, pl_module, Rows(), NUM_SAMPLES, seed=3, batch_size=4, steps=3)["rows"],
+            gathered=(measure(trainer, pl_module, Gathered(), NUM_SAMPLES, seed=3, batch_size=4, steps=3) or {}).get("rows"),
         )
         torch.save(self.record, self.out / f"rank{rank}.pt")
 
