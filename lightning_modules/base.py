@@ -230,7 +230,9 @@ class DiffusionModule(pl.LightningModule):
     def allowed_options(self, sampler: str) -> set[str]:
         allowed = set(samplers.get(sampler).options) | set(self.method_options.get(sampler, ()))
         if self.provides == samplers.DENOISER:
-            allowed |= {"eps_scale", *GUIDANCE_OPTIONS}  # wrappers of any denoiser (exposure_fixes, samplers.guidance)
+            allowed.add("eps_scale")  # a wrapper of any denoiser (lightning_modules.exposure_fixes)
+            if self.null_cond is not None:
+                allowed |= set(GUIDANCE_OPTIONS)  # samplers.guidance, with the learned null condition
         if sampler not in self.fixed_grid:
             allowed.add("steps")
         return allowed

@@ -42,6 +42,10 @@ def world(tmp_path_factory):
                                 "model.num_timesteps=10", "model.sample_steps=2", "final_eval.num_episodes=1")
     files["bc_mse"] = train_run(root / "bc_run", "data=obstacle2d", "data.num_episodes=8", "data.batch_size=32", "callbacks.rollout=null",
                                 "model=bc_mse", "final_eval.num_episodes=1")
+    labelled = ["data.labels=true", "net.ch=8", "net.num_res_blocks=1", "model.num_timesteps=20", "model.sample_steps=4",
+                "final_eval.num_samples=16", "data.batch_size=64"]
+    files["labelled"] = train_run(root / "labelled_run", *labelled)
+    files["labelled_nodrop"] = train_run(root / "labelled_nodrop_run", *labelled, "model.cond_drop=0")
     (root / "empty.ckpt").write_bytes(b"")
     good = files["toy"].read_bytes()
     (root / "truncated.ckpt").write_bytes(good[: len(good) // 2])
@@ -156,6 +160,13 @@ CASES = [
     ("eval_bc_mse_steps", "evaluate.py", ["ckpt_path={bc_mse}", "metric=policy", "steps=10"], 2, r"steps= is not an option of BCMSE"),
     ("sample_model_group", "sample.py", ["ckpt_path={toy}", "model=ddpm"], 2, r"sample\.py does not use 'model': the method and its settings come from the checkpoint"),
     ("eval_net_group", "evaluate.py", ["ckpt_path={toy}", "net=mlp"], 2, r"evaluate\.py does not use 'net'"),
+    ("sample_label_range", "sample.py", ["ckpt_path={labelled}", "labels=12"], 2, r"labels=12: 12 is out of range; this model's classes are 0\.\.9"),
+    ("sample_labels_unconditional", "sample.py", ["ckpt_path={toy}", "labels=3"], 2, r"labels=3 is for a class-conditional checkpoint; \S+ was trained without labels"),
+    ("sample_guidance_no_dropout", "sample.py", ["ckpt_path={labelled_nodrop}", "guidance=2"], 2,
+     r"guidance= contrasts the condition with a learned null condition, which this DDPM was trained without: retrain with model\.cond_drop=0\.1"),
+    ("sample_guidance_negative", "sample.py", ["ckpt_path={labelled}", "guidance=-1"], 2, r"guidance=-1 is not valid: a number >= 0"),
+    ("sample_guidance_unconditional", "sample.py", ["ckpt_path={toy}", "guidance=2"], 2, r"guidance= needs a conditional model"),
+    ("train_cond_drop_unconditional", "train.py", [*TOY, "model.cond_drop=0.1"], 2, r"model\.cond_drop needs a conditional model"),
     ("eval_plus_model", "evaluate.py", ["ckpt_path={toy}", "+model=ddpm"], 2, r"evaluate\.py does not use 'model'"),
     ("eval_missing_ckpt", "evaluate.py", ["ckpt_path={root}/nope.ckpt"], 2, r"nope\.ckpt does not exist"),
 ]
