@@ -13,7 +13,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.cli import entry_keys, one_line_errors, refuse_training_groups, writable_dir
+from datamodules.base import one_hot
+from difflab.cli import entry_keys, one_line_errors, refuse_training_groups, requested_labels, writable_dir
 from difflab.config_checks import check_config, check_known_keys
 from difflab.errors import SAMPLER_DIVERGED, ConfigError, require_finite
 from lightning_modules.checkpoint import instantiate_datamodule, load_module, sampling_options, sampling_tag
@@ -137,9 +138,11 @@ def main(cfg: DictConfig) -> dict:
     num_samples = cfg.num_samples or DEFAULT_NUM_SAMPLES.get(metric.name, 2000)
     sampler = cfg.sampler or getattr(module, "sampler", None)
     kwargs = {"sampler": cfg.sampler, "steps": cfg.steps, **sampling_options(cfg)}
+    labels, _, _ = requested_labels(None, num_samples, datamodule, cfg.ckpt_path)  # labelled: every class in turn
+    cond = None if labels is None else one_hot(labels, datamodule.num_classes).to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.perf_counter()
-    x, nfe = module.sample_many(num_samples, cfg.batch_size, generator, progress=cfg.progress, return_nfe=True, **kwargs)
+    x, nfe = module.sample_many(num_samples, cfg.batch_size, generator, cond=cond, progress=cfg.progress, return_nfe=True, **kwargs)
     seconds = time.perf_counter() - start
     require_finite(x, f"the samples of sampler={sampler}", SAMPLER_DIVERGED)
     value = float(metric(x))
@@ -157,6 +160,10 @@ def main(cfg: DictConfig) -> dict:
         "samples_per_second": round(num_samples / max(seconds, 1e-9), 2),
         "device": device,
     }
+    if labels is not None and hasattr(datamodule, "label_accuracy"):
+        hits = datamodule.label_accuracy(x, labels).float()
+        result["label_accuracy"] = float(hits.mean())
+        result["per_class_accuracy"] = [round(float(hits[labels == c].mean()), 4) for c in range(datamodule.num_classes)]
     return write_result(cfg, result)
 
 
@@ -223,7 +230,8 @@ def write_result(cfg: DictConfig, result: dict) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     floor = "n/a" if result["floor"] is None else f"{result['floor']:.4g}"
-    print(f"{result['metric']} = {result['value']:.4g} (floor {floor}) from {result['num_samples']} examples, "
+    accuracy = f", label accuracy {result['label_accuracy']:.4f}" if "label_accuracy" in result else ""
+    print(f"{result['metric']} = {result['value']:.4g} (floor {floor}){accuracy} from {result['num_samples']} examples, "
           f"{result['sampler']} with {result['nfe']:.0f} NFE, {result['samples_per_second']} /s on {result['device']} -> {out}")
     return result
 
