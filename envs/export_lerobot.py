@@ -63,6 +63,8 @@ def _sampler(policy, module) -> tuple[str, int]:
     """LeRobot's noise_scheduler_type and num_inference_steps that sample as this policy does."""
     opts = {**module.sampling_defaults(policy.sampler or module.sampler), **policy.sample_kwargs}
     sampler = module.resolve_sampler(policy.sampler)
+    if opts.get("guidance") is not None and float(opts["guidance"]) != 1.0:
+        _refuse("LeRobot's Diffusion Policy has no classifier-free guidance; export with guidance=1 (or none)")
     if float(opts.get("eps_scale") or 1.0) != 1.0 or int(opts.get("time_shift_window") or 0):
         _refuse("epsilon scaling and time-step shifting have no LeRobot setting; export with eps_scale=1 time_shift_window=0")
     if sampler == "ancestral":
