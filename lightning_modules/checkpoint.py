@@ -62,6 +62,14 @@ def build_obs_encoder(cfg: DictConfig, obs_spec: dict | None):
                        low_dim=int(obs_spec["low_dim"]), n_obs_steps=int(obs_spec["n_obs_steps"]))
 
 
+def method_settings(cfg: DictConfig) -> tuple[DictConfig, float]:
+    """(cfg.model without cond_drop, cond_drop): model.cond_drop belongs to the shared base (condition dropout and its
+    learned null condition), not to a method's constructor, so it is taken out before the method is instantiated and
+    applied to whichever method is built."""
+    method = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+    return method, float(method.pop("cond_drop", None) or 0.0)
+
+
 def build_model(cfg: DictConfig, data_shape, cond_dim, obs_spec: dict | None = None) -> DiffusionModule:
     """The net from cfg.net and the method from cfg.model, both sized by the datamodule. With camera images
     (`obs_spec`) the observation encoder is built first and its output size is the method's cond_dim."""
@@ -72,10 +80,7 @@ def build_model(cfg: DictConfig, data_shape, cond_dim, obs_spec: dict | None = N
         cond_dim = encoder.out_dim
     # A method whose architecture is part of it (an LSTM with a mixture head, BET's GPT with bin heads) builds its own
     # net from model.*; the net group does not apply to it.
-    # model.cond_drop belongs to the shared base (condition dropout and its learned null condition), not to a method's
-    # constructor: taken out here and applied to whichever method is built
-    method = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
-    cond_drop = float(method.pop("cond_drop", None) or 0.0)
+    method, cond_drop = method_settings(cfg)
     if getattr(get_class(method._target_), "owns_net", False):
         model = instantiate(method, net=None, data_shape=data_shape, cond_dim=cond_dim)
     else:

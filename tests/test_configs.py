@@ -11,7 +11,7 @@ from hydra.utils import instantiate, get_class
 from omegaconf import open_dict
 
 from conftest import CONFIG_DIR, run_cli
-from lightning_modules.checkpoint import build_model, build_obs_encoder
+from lightning_modules.checkpoint import method_settings, build_model, build_obs_encoder
 from test_policy import METHOD_DATA  # the data settings a method needs beyond a data config's defaults
 
 
@@ -41,7 +41,10 @@ def build(cfg, meta: bool = False):
         encoder = build_obs_encoder(cfg, spec)
         cond_dim = datamodule.cond_dim if encoder is None else encoder.out_dim
         net = instantiate(cfg.net, data_shape=shape, cond_dim=cond_dim)
-    return datamodule, instantiate(cfg.model, net=net, data_shape=shape, cond_dim=cond_dim)
+    method, cond_drop = method_settings(cfg)
+    model = instantiate(method, net=net, data_shape=shape, cond_dim=cond_dim)
+    model.enable_cond_drop(cond_drop)
+    return datamodule, model
 
 
 @pytest.mark.parametrize("data", options("data"))
