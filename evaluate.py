@@ -17,7 +17,7 @@ from datamodules.base import one_hot
 from difflab.cli import entry_keys, one_line_errors, refuse_training_groups, requested_labels, writable_dir
 from difflab.config_checks import check_config, check_known_keys
 from difflab.errors import SAMPLER_DIVERGED, ConfigError, require_finite
-from lightning_modules.checkpoint import instantiate_datamodule, load_module, sampling_options, sampling_tag
+from lightning_modules.checkpoint import instantiate_datamodule, load_guide, load_module, sampling_options, sampling_tag
 
 DEFAULT_NUM_SAMPLES = {"fid": 50_000, "bpd": 512}
 
@@ -112,8 +112,9 @@ def main(cfg: DictConfig) -> dict:
     if datamodule.data_kind == "trajectory":
         raise ConfigError(f"{cfg.ckpt_path} is a policy: score it with metric=policy (or metric=auto); metric={cfg.metric} needs "
                           "an unconditional generative model")
+    guide = {"guide": load_guide(cfg.guide_ckpt, module, device)} if cfg.get("guide_ckpt") else {}  # autoguidance
     if cfg.metric != "bpd":  # bpd integrates the probability-flow ODE whatever the sampler
-        module.check_sampling(cfg.sampler, steps=cfg.steps, **sampling_options(cfg),
+        module.check_sampling(cfg.sampler, steps=cfg.steps, **sampling_options(cfg), **guide,
                               **({"eps_scale": 1.0} if search else {}))
     if cfg.metric == "exposure_bias":
         return evaluate_exposure_bias(cfg, module, ckpt, datamodule, device)
@@ -137,7 +138,7 @@ def main(cfg: DictConfig) -> dict:
         return write_result(cfg, result)
     num_samples = cfg.num_samples or DEFAULT_NUM_SAMPLES.get(metric.name, 2000)
     sampler = cfg.sampler or getattr(module, "sampler", None)
-    kwargs = {"sampler": cfg.sampler, "steps": cfg.steps, **sampling_options(cfg)}
+    kwargs = {"sampler": cfg.sampler, "steps": cfg.steps, **sampling_options(cfg), **guide}
     labels, _, _ = requested_labels(None, num_samples, datamodule, cfg.ckpt_path)  # labelled: every class in turn
     cond = None if labels is None else one_hot(labels, datamodule.num_classes).to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -225,7 +226,8 @@ def evaluate_policy_checkpoint(cfg: DictConfig, device: str) -> dict:
 
 def write_result(cfg: DictConfig, result: dict) -> dict:
     require_finite(result["value"], f"the figure {result['metric']}", SAMPLER_DIVERGED)
-    name = f"{Path(cfg.ckpt_path).stem}_{result['metric']}_{str(result['sampler']).split()[0]}_{result['nfe']:.0f}nfe{sampling_tag(cfg)}.json"
+    guide = f"_guide-{Path(cfg.guide_ckpt).stem}" if cfg.get("guide_ckpt") else ""
+    name = f"{Path(cfg.ckpt_path).stem}_{result['metric']}_{str(result['sampler']).split()[0]}_{result['nfe']:.0f}nfe{sampling_tag(cfg)}{guide}.json"
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -18,7 +18,7 @@ from datamodules.base import one_hot
 from difflab.cli import entry_keys, one_line_errors, refuse_training_groups, requested_labels, writable_dir
 from difflab.config_checks import check_config, check_known_keys
 from difflab.errors import SAMPLER_DIVERGED, ConfigError, require_finite
-from lightning_modules.checkpoint import instantiate_datamodule, load_module, sampling_options, sampling_tag
+from lightning_modules.checkpoint import instantiate_datamodule, load_guide, load_module, sampling_options, sampling_tag
 
 SAMPLE_HINT = "Sampler settings for this call are sampler=, steps= and any option the sampler takes (s_churn=40, eta=1, ...). "
 
@@ -31,9 +31,15 @@ def policy_error(path) -> ConfigError:
     )
 
 
+def guide_tag(cfg: DictConfig) -> str:
+    return f"_guide-{Path(cfg.guide_ckpt).parent.parent.name}-{Path(cfg.guide_ckpt).stem}" if cfg.get("guide_ckpt") else ""
+
+
 def sampling_kwargs(cfg: DictConfig, module) -> dict:
-    """The sampler options of this call, after the method refused any it does not take."""
+    """The sampler options of this call (and autoguidance's guide), after the method refused any it does not take."""
     kwargs = sampling_options(cfg)
+    if cfg.get("guide_ckpt"):
+        kwargs["guide"] = load_guide(cfg.guide_ckpt, module, module.device)
     module.check_sampling(cfg.sampler, steps=cfg.steps, **kwargs)
     return {"sampler": cfg.sampler, "steps": cfg.steps, **kwargs}
 
@@ -63,7 +69,7 @@ def main(cfg: DictConfig) -> Path:
     x, nfe = module.sample_many(num_samples, cfg.batch_size, generator, cond=cond, progress=cfg.progress, return_nfe=True, **kwargs)
     seconds = time.perf_counter() - start
     require_finite(x, f"the samples of sampler={sampler} ({nfe} NFE)", SAMPLER_DIVERGED)
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else samples_root / f"{Path(cfg.ckpt_path).stem}_{sampler}_{nfe}nfe{sampling_tag(cfg)}"
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else samples_root / f"{Path(cfg.ckpt_path).stem}_{sampler}_{nfe}nfe{sampling_tag(cfg)}{guide_tag(cfg)}"
 
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from datamodules.base import balanced_labels, one_hot  # noqa: E402
-from lightning_modules.checkpoint import instantiate_datamodule, load_module  # noqa: E402
+from lightning_modules.checkpoint import instantiate_datamodule, load_guide, load_module  # noqa: E402
 
 SCALES = (0.0, 1.0, 1.5, 2.0, 3.0, 5.0)
 INTERVAL = (0.28, 5.42)  # EDM2's guidance interval (Kynkaenniemi et al. 2024), in the VE sigma every method shares
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guide", default=None, help="a weaker checkpoint of the same data: autoguidance rows too")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     module, ckpt = load_module(args.ckpt)
@@ -44,22 +45,28 @@ def main() -> None:
     cond = one_hot(labels, datamodule.num_classes)
     rows = []
     print(f"{args.ckpt} (step {ckpt.get('global_step')}), {args.num_samples} samples, sampler {module.sampler}, floor {metric.floor():.3f}")
-    print("| guidance | interval | digits_frechet | label accuracy | NFE | seconds |")
+    print("| guidance | interval / guide | digits_frechet | label accuracy | NFE | seconds |")
     print("| ---: | --- | ---: | ---: | ---: | ---: |")
-    for interval in (None, INTERVAL):
-        for w in args.scales:
-            if interval is not None and w in (0.0, 1.0):
-                continue  # the interval changes nothing there
-            start = time.perf_counter()
+    guide = load_guide(args.guide, module) if args.guide else None
+    settings = [(None, w) for w in args.scales] + [(INTERVAL, w) for w in args.scales if w not in (0.0, 1.0)]
+    if guide is not None:  # autoguidance: the guide in the null pass's place
+        settings += [("guide", w) for w in args.scales if w != 1.0]
+    for interval, w in settings:
+        start = time.perf_counter()
+        if interval == "guide":
+            options = {"guidance": w, "guide": guide}
+        else:
             options = {"guidance": w} | ({"guidance_interval": list(interval)} if interval else {})
-            x, nfe = module.sample_many(args.num_samples, 1000, torch.Generator().manual_seed(args.seed), cond=cond, return_nfe=True,
-                                        **options)
-            seconds = time.perf_counter() - start
-            row = {"guidance": w, "interval": list(interval) if interval else None, "digits_frechet": float(metric(x)),
-                   "label_accuracy": float(datamodule.label_accuracy(x, labels).float().mean()), "nfe": nfe,
-                   "seconds": round(seconds, 2)}
-            rows.append(row)
-            print(f"| {w:g} | {interval or '-'} | {row['digits_frechet']:.3f} | {row['label_accuracy']:.4f} | {nfe} | {seconds:.1f} |", flush=True)
+        x, nfe = module.sample_many(args.num_samples, 1000, torch.Generator().manual_seed(args.seed), cond=cond, return_nfe=True,
+                                    **options)
+        seconds = time.perf_counter() - start
+        row = {"guidance": w, "interval": list(interval) if isinstance(interval, tuple) else None,
+               "guide": str(args.guide) if interval == "guide" else None, "digits_frechet": float(metric(x)),
+               "label_accuracy": float(datamodule.label_accuracy(x, labels).float().mean()), "nfe": nfe,
+               "seconds": round(seconds, 2)}
+        rows.append(row)
+        shown = "autoguidance" if interval == "guide" else (interval or "-")
+        print(f"| {w:g} | {shown} | {row['digits_frechet']:.3f} | {row['label_accuracy']:.4f} | {nfe} | {seconds:.1f} |", flush=True)
     if args.write:
         out = ROOT / "benchmarks" / "results" / "guidance_digits.json"
         out.write_text(json.dumps({"checkpoint": str(args.ckpt), "global_step": ckpt.get("global_step"),

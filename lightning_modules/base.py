@@ -24,7 +24,7 @@ from samplers.likelihood import dequantize, log_likelihood
 
 VAL_SEED = 12345  # validation noise is fixed so val/loss is comparable across steps
 
-GUIDANCE_OPTIONS = ("guidance", "guidance_interval")  # samplers.guidance, on every sampler of a denoiser
+GUIDANCE_OPTIONS = ("guidance", "guidance_interval", "guide")  # samplers.guidance, on every sampler of a denoiser
 
 # NCSN's annealed Langevin: eps / sigma_L^2 = 2e-5 / 0.01^2 (Song & Ermon 2019)
 LANGEVIN_RATIO = 0.2
@@ -144,10 +144,11 @@ class DiffusionModule(pl.LightningModule):
         """The denoiser the samplers see: the method's, classifier-free guided with guidance=w (the conditional and null
         passes in one batch), with Epsilon Scaling when eps_scale is set, clipped to the data range with
         clip_denoised (every x0 estimate, as DDPM's x0 clip); a method may wrap it further."""
-        guidance = options.get("guidance")
+        guidance, guide = options.get("guidance"), options.get("guide")
         if guidance is not None and float(guidance) != 1.0:
-            null = self.null_cond.to(cond.dtype).expand(cond.shape[0], -1).reshape(cond.shape)
-            denoiser = options["_guided"] = Guided(self.denoise, cond, null, float(guidance), options.get("guidance_interval"))
+            null = None if guide is not None else self.null_cond.to(cond.dtype).expand(cond.shape[0], -1).reshape(cond.shape)
+            denoiser = options["_guided"] = Guided(self.denoise, cond, null, float(guidance), options.get("guidance_interval"),
+                                                   guide=None if guide is None else guide.denoise)
         else:
             denoiser = lambda x, sigma: self.denoise(x, sigma, cond)  # noqa: E731
         if options.get("eps_scale") is not None:
@@ -205,19 +206,25 @@ class DiffusionModule(pl.LightningModule):
             raise ConfigError(f"model.sampler: {err}") from None
 
     def check_guidance(self, options: dict) -> None:
-        """guidance= / guidance_interval= need a model trained with condition dropout (its learned null condition)."""
+        """guidance= / guidance_interval= need a model trained with condition dropout (its learned null condition), or
+        a guide (autoguidance), which works for unconditional models too."""
         given = {k: options[k] for k in GUIDANCE_OPTIONS if options.get(k) is not None}
         if not given:
             return
         name = type(self).__name__
         if self.provides != samplers.DENOISER:
             raise ConfigError(f"guidance= is a wrapper of a denoiser; a {name} has none (it samples with sampler=cm)")
-        if self.cond_dim is None:
-            raise ConfigError(f"guidance= needs a conditional model, and this {name} was trained without a condition: "
-                              "train on labelled data (e.g. data.labels=true) or on demonstrations")
-        if self.null_cond is None:
+        guide = given.get("guide")
+        if guide is not None:
+            self.check_guide(guide, given)
+        elif self.cond_dim is None:
+            raise ConfigError(f"guidance= needs a conditional model for classifier-free guidance, and this {name} was trained "
+                              "without a condition: train on labelled data (e.g. data.labels=true), or guide it with a weaker "
+                              "checkpoint of the same data (guide_ckpt=, autoguidance)")
+        if guide is None and self.null_cond is None:
             raise ConfigError(f"guidance= contrasts the condition with a learned null condition, which this {name} was "
-                              "trained without: retrain with model.cond_drop=0.1 (condition dropout)")
+                              "trained without: retrain with model.cond_drop=0.1 (condition dropout), or guide it with a "
+                              "weaker checkpoint of the same data (guide_ckpt=, autoguidance)")
         w = given.get("guidance", 1.0)
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
             raise ConfigError(f"guidance={w} is not valid: a number >= 0 (1: the conditional model, 0: the unconditional one)")
@@ -227,10 +234,23 @@ class DiffusionModule(pl.LightningModule):
             raise ConfigError(f"guidance_interval={interval} is not valid: [sigma_lo, sigma_hi] with 0 <= lo < hi "
                               "(guidance only for sigma in that range, e.g. [0.28, 5.42] in EDM2's units)")
 
+    def check_guide(self, guide, given: dict) -> None:
+        """Autoguidance's guide: a denoiser of the same data (shape and condition), used with a guidance scale."""
+        if "guidance" not in given:
+            raise ConfigError("guide_ckpt= (autoguidance) needs a scale: pass guidance=w as well, e.g. guidance=2")
+        if getattr(guide, "provides", None) != samplers.DENOISER:
+            raise ConfigError(f"the guide is a {type(guide).__name__}, which has no denoiser; autoguidance needs a diffusion-"
+                              "family checkpoint (ddpm, edm, ncsn, score SDEs, flow matching) of the same data")
+        if tuple(guide.data_shape) != tuple(self.data_shape) or guide.cond_dim != self.cond_dim:
+            raise ConfigError(f"the guide models data of shape {tuple(guide.data_shape)} with cond_dim={guide.cond_dim}, this "
+                              f"model {tuple(self.data_shape)} with cond_dim={self.cond_dim}: autoguidance needs a weaker "
+                              "model of the same data and condition (a smaller net or an earlier checkpoint of a run like this one)")
+
     def allowed_options(self, sampler: str) -> set[str]:
         allowed = set(samplers.get(sampler).options) | set(self.method_options.get(sampler, ()))
         if self.provides == samplers.DENOISER:
             allowed.add("eps_scale")  # a wrapper of any denoiser (lightning_modules.exposure_fixes)
+            allowed |= {"guidance", "guide"}  # autoguidance needs no null condition (checked in check_guidance)
             if self.null_cond is not None:
                 allowed |= set(GUIDANCE_OPTIONS)  # samplers.guidance, with the learned null condition
         if sampler not in self.fixed_grid:

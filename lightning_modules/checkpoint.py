@@ -202,3 +202,14 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> t
 def instantiate_datamodule(config: dict):
     """The run's datamodule (not set up: unnormalize/render need no data on disk for images and toys)."""
     return instantiate(OmegaConf.create(config)["data"])
+
+
+def load_guide(path: str | Path, module: DiffusionModule, map_location="cpu") -> DiffusionModule:
+    """Autoguidance's guide (guide_ckpt=): a checkpoint of the same data as `module`, refused in one line otherwise."""
+    guide, _ = load_module(path, map_location)
+    ours, theirs = (module.run_config or {}).get("data", {}), (guide.run_config or {}).get("data", {})
+    if ours.get("_target_") != theirs.get("_target_") or ours.get("labels") != theirs.get("labels"):
+        raise CheckpointError(f"guide_ckpt={path} was trained on data={_data_name(theirs)} (labels={theirs.get('labels')}), "
+                              f"this checkpoint on data={_data_name(ours)} (labels={ours.get('labels')}): autoguidance needs a "
+                              "weaker model of the same data")
+    return guide

@@ -1,6 +1,11 @@
 """Classifier-free guidance as a denoiser wrapper (Ho & Salimans 2022), so it reaches every sampler of every
 denoiser method: D_w(x; sigma) = D(x; sigma, null) + w (D(x; sigma, c) - D(x; sigma, null)).
 
+Autoguidance (Karras et al. 2024) is the same wrapper with another model in the null pass's place: a weaker
+denoiser of the same data (smaller, or trained shorter), given the same condition (or none, for an unconditional
+pair): D_w = D_guide(x; sigma, c) + w (D(x; sigma, c) - D_guide(x; sigma, c)). The two are different nets, so
+their passes are two calls.
+
 w = 1 is the conditional denoiser itself (one evaluation), w = 0 the unconditional one; otherwise the conditional
 and the null pass go through the net as one batch of 2B, and count as two evaluations per sample (`cost`, read
 by `Counted`). `interval=(lo, hi)` guides only while lo <= sigma <= hi (Kynkaenniemi et al. 2024: guidance at
@@ -22,9 +27,9 @@ CondDenoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
 
 
 class Guided:
-    def __init__(self, denoise: CondDenoiser, cond: torch.Tensor, null: torch.Tensor, scale: float,
-                 interval: tuple[float, float] | None = None):
-        self.denoise, self.cond, self.null, self.scale = denoise, cond, null, float(scale)
+    def __init__(self, denoise: CondDenoiser, cond: torch.Tensor | None, null: torch.Tensor | None, scale: float,
+                 interval: tuple[float, float] | None = None, guide: CondDenoiser | None = None):
+        self.denoise, self.cond, self.null, self.scale, self.guide = denoise, cond, null, float(scale), guide
         self.interval = None if interval is None else (float(interval[0]), float(interval[1]))
         self.cost = 1  # net evaluations per sample of the last call
 
@@ -40,6 +45,12 @@ class Guided:
         if not self.guiding(sigma):
             self.cost = 1
             return self.denoise(x, sigma, self.cond)
+        if self.guide is not None:
+            self.cost = 2
+            if self.scale == 0.0:
+                return self.guide(x, sigma, self.cond)
+            conditional, weak = self.denoise(x, sigma, self.cond), self.guide(x, sigma, self.cond)
+            return weak + self.scale * (conditional - weak)
         if self.scale == 0.0:
             self.cost = 1
             return self.denoise(x, sigma, self.null)

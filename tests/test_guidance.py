@@ -176,3 +176,34 @@ def test_guidance_is_refused_where_it_cannot_work():
         module.sample(2, cond=one_hot([0, 1]), guidance=2.0, guidance_interval=[5.0, 1.0])
     with pytest.raises(ConfigError, match=r"model\.cond_drop needs a conditional model"):
         plain.enable_cond_drop(0.1)
+
+
+def test_autoguidance_combines_the_model_with_its_weaker_guide_on_the_same_condition():
+    """D_w = D_guide(x; c) + w (D(x; c) - D_guide(x; c)): no null condition, so an unconditional pair works too."""
+    module = guided_module()
+    weak = guided_module()
+
+    def blurred(x, sigma, cond):  # a "weaker" model: the class's denoiser with a wider class
+        s2 = (2 * S_CLASS) ** 2
+        mu, v = MU[cond.argmax(1)], samplers.batch_sigma(sigma, x).double()[:, None] ** 2
+        return (mu + s2 / (s2 + v) * (x.double() - mu)).to(x.dtype)
+
+    weak.denoise = blurred
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    cond = one_hot([0, 1, 1, 0, 1, 0])
+    guided = Guided(exact_denoise, cond, None, 2.5, guide=blurred)
+    for level in (50.0, 1.0, 0.01):
+        sigma = torch.full((6,), level, dtype=torch.float64)
+        c, g = exact_denoise(x, sigma, cond), blurred(x, sigma, cond)
+        torch.testing.assert_close(guided(x, sigma), g + 2.5 * (c - g), rtol=1e-12, atol=1e-12)
+        assert guided.cost == 2
+    _, spent = module.sample(8, cond=cond[:1].expand(8, -1), sampler="euler", steps=10, guidance=2.5, guide=weak, return_nfe=True)
+    assert spent == 2 * module.nfe("euler", 10) == module.nfe("euler", 10, guidance=2.5, guide=weak)
+    # an unconditional model takes a guide although it has no null condition
+    plain = EDM(MLP((2,), hidden=8, depth=1), partial(torch.optim.Adam), data_shape=(2,))
+    guide = EDM(MLP((2,), hidden=4, depth=1), partial(torch.optim.Adam), data_shape=(2,))
+    assert plain.sample(3, guidance=2.0, guide=guide, steps=4).shape == (3, 2)
+    with pytest.raises(ConfigError, match=r"the guide models data of shape \(3,\)"):
+        plain.sample(3, guidance=2.0, guide=EDM(MLP((3,), hidden=4, depth=1), partial(torch.optim.Adam), data_shape=(3,)))
+    with pytest.raises(ConfigError, match=r"needs a scale: pass guidance=w"):
+        plain.sample(3, guide=guide)
