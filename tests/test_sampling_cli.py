@@ -81,3 +81,15 @@ def test_an_option_no_sampler_of_the_method_takes_is_refused_by_the_methods_chec
     wrong = run_script("evaluate.py", f"ckpt_path={ckpt}", "sampler=ddim", "snr=0.1")
     assert wrong.code == 2 and "snr= is not an option of DDPM's sampler=ddim" in wrong.error_lines[0]
     assert "it applies to sampler=pc" in wrong.error_lines[0]
+
+
+def test_autoguidance_from_the_command_line_with_the_model_as_its_own_guide_changes_nothing_but_the_nfe(toy, tmp_path):
+    """guide_ckpt= loads the guide; guided by itself, D + w (D - D) = D: the unguided samples at twice the NFE."""
+    ckpt, module, datamodule = toy
+    args = [f"ckpt_path={ckpt}", "num_samples=8", "sampler=ddim", "steps=3", "progress=false"]
+    assert run_script("sample.py", *args, f"out_dir={tmp_path / 'plain'}").code == 0
+    guided = run_script("sample.py", *args, f"guide_ckpt={ckpt}", "guidance=3", f"out_dir={tmp_path / 'guided'}")
+    assert guided.code == 0, guided.stderr[-3000:]
+    plain, auto = np.load(tmp_path / "plain" / "samples.npz"), np.load(tmp_path / "guided" / "samples.npz")
+    np.testing.assert_array_equal(auto["samples"], plain["samples"])
+    assert int(auto["nfe"]) == 2 * int(plain["nfe"]) == 6
