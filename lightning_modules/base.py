@@ -194,8 +194,9 @@ class DiffusionModule(pl.LightningModule):
                 continue
             takers = [s for s in self.samplers() if key in self.allowed_options(s)]
             hint = f"it applies to sampler={' / '.join(takers)}" if takers else f"no sampler of {name} takes it"
+            shown = sorted(allowed - {"guide"})  # a model, given as guide_ckpt= on the command line
             raise ConfigError(f"{key}= is not an option of {name}'s sampler={asked} (it takes: "
-                              f"{', '.join(sorted(allowed)) or 'nothing'}); {hint}: drop {key}=")
+                              f"{', '.join(shown) or 'nothing'}); {hint}: drop {key}=")
         return sampler
 
     def check_default_sampler(self) -> None:
@@ -238,6 +239,8 @@ class DiffusionModule(pl.LightningModule):
         """Autoguidance's guide: a denoiser of the same data (shape and condition), used with a guidance scale."""
         if "guidance" not in given:
             raise ConfigError("guide_ckpt= (autoguidance) needs a scale: pass guidance=w as well, e.g. guidance=2")
+        if not isinstance(guide, nn.Module):
+            raise ConfigError(f"guide={guide!r} is not a model: pass the guide's checkpoint as guide_ckpt=PATH")
         if getattr(guide, "provides", None) != samplers.DENOISER:
             raise ConfigError(f"the guide is a {type(guide).__name__}, which has no denoiser; autoguidance needs a diffusion-"
                               "family checkpoint (ddpm, edm, ncsn, score SDEs, flow matching) of the same data")
