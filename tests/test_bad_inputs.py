@@ -215,3 +215,15 @@ def test_default_sample_folders_of_two_checkpoints_of_a_run_do_not_collide(world
         outcome = run_script("sample.py", f"ckpt_path={run / 'checkpoints' / (name + '.ckpt')}", "num_samples=4", "progress=false")
         assert outcome.code == 0, outcome.stderr[-2000:]
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["best_step0000002_ddim_5nfe", "last_ddim_5nfe"]
+
+
+def test_export_cli_writes_a_loadable_folder_and_refuses_what_lerobot_cannot_express(world, tmp_path, capsys):
+    from envs.export import load_exported, main
+
+    folder = main([str(world["policy"]), str(tmp_path / "ours")])
+    assert load_exported(folder).n_action_steps >= 1
+    with pytest.raises(SystemExit) as stop:
+        main([str(world["policy"]), str(tmp_path / "lr"), "--format", "lerobot"])
+    assert stop.value.code == 2 and not (tmp_path / "lr").exists()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "needs observation.environment_state" in lines[0]
