@@ -90,6 +90,8 @@ KEY_RULES: dict[str, Rule] = {
     "trainer.max_epochs": whole(-1, optional=True),
     "trainer.val_check_interval": Rule(lambda v: (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1),
                                        "a whole number of steps >= 1 or a fraction of an epoch in (0, 1]", optional=True),
+    "data.labels": Rule(lambda v: isinstance(v, bool), "true or false"),
+    "model.cond_drop": number(0, 1, high_open=True, optional=True),
     "final_eval.num_episodes": COUNT,  # 0: no closed-loop evaluation at the end (a dataset without a simulator)
     "speed.cpu_threads": Rule(lambda v: v == "auto" or (_is_int(v) and v >= 1), "auto or a whole number >= 1"),
     "model.eps": number(0, 1, low_open=True, high_open=True),
