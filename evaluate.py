@@ -13,7 +13,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.base import one_hot
+from datamodules.base import label_scores, one_hot
 from difflab.cli import entry_keys, one_line_errors, refuse_training_groups, requested_labels, writable_dir
 from difflab.config_checks import check_config, check_known_keys
 from difflab.errors import SAMPLER_DIVERGED, ConfigError, require_finite
@@ -161,10 +161,8 @@ def main(cfg: DictConfig) -> dict:
         "samples_per_second": round(num_samples / max(seconds, 1e-9), 2),
         "device": device,
     }
-    if labels is not None and hasattr(datamodule, "label_accuracy"):
-        hits = datamodule.label_accuracy(x, labels).float()
-        result["label_accuracy"] = float(hits.mean())
-        result["per_class_accuracy"] = [round(float(hits[labels == c].mean()), 4) for c in range(datamodule.num_classes)]
+    if labels is not None:
+        result.update(label_scores(datamodule, x, labels))
     return write_result(cfg, result)
 
 

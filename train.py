@@ -24,13 +24,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from callbacks.periodic import SMOKE_EPISODE_STEPS, SMOKE_SAMPLES
 from callbacks.sample_logger import log_image
-from datamodules.base import balanced_labels, one_hot
+from datamodules.base import balanced_labels, label_scores, one_hot
 from difflab.pictures import save_png
 from difflab.checkpoint_io import SafeCheckpointIO
 from difflab.cli import one_line_errors, print_error, resume_command
 from difflab.config_checks import check_config
 from difflab.errors import SAMPLER_DIVERGED, MissingFileError, require_finite
-from lightning_modules.checkpoint import build_model, check_compatible, read_checkpoint
+from lightning_modules.checkpoint import build_model, check_compatible, flat_settings, read_checkpoint
 
 log = logging.getLogger("train")
 
@@ -38,17 +38,6 @@ log = logging.getLogger("train")
 def _instantiate_all(group: DictConfig | None) -> list:
     # Entries without _target_ are settings a data config adjusted for a callback that is not selected.
     return [instantiate(c) for c in (group or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
-
-
-def _flat(cfg: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in cfg.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat(value, name + "."))
-        else:
-            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return out
 
 
 def cpu_threads(setting, processes_per_node: int = 1) -> int | None:
@@ -163,10 +152,8 @@ def final_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Trainer, o
         metric = None
         result["metric_skipped"] = " ".join(str(err).split())
         log.warning(f"final quality figure skipped: {result['metric_skipped']}")
-    if labels is not None and hasattr(datamodule, "label_accuracy"):
-        hits = datamodule.label_accuracy(x, labels).float()
-        result["label_accuracy"] = float(hits.mean())
-        result["per_class_accuracy"] = [round(float(hits[labels == c].mean()), 4) for c in range(datamodule.num_classes)]
+    if labels is not None:
+        result.update(label_scores(datamodule, x, labels))
     if metric is not None:
         result["metric"] = metric.name
         result["value"] = float(metric(x))
@@ -204,7 +191,8 @@ def main(cfg: DictConfig) -> dict | None:
                                       plugins=[SafeCheckpointIO()])
     apply_speed_settings(cfg, model, trainer)
     for logger in trainer.loggers:
-        logger.log_hyperparams({**_flat(model.run_config), "net.num_params": n_params})
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_settings(model.run_config).items()}
+        logger.log_hyperparams({**hparams, "net.num_params": n_params})
 
     start = time.perf_counter()
     try:

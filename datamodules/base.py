@@ -38,6 +38,16 @@ def balanced_labels(n: int, num_classes: int, offset: int = 0) -> torch.Tensor:
     return (torch.arange(n) + offset) % num_classes
 
 
+def label_scores(datamodule, x: torch.Tensor, labels: torch.Tensor) -> dict:
+    """label_accuracy (the share of samples the data's classifier reads as their requested label) and the same per
+    class, for metrics.json; empty where the data have no classifier."""
+    if not hasattr(datamodule, "label_accuracy"):
+        return {}
+    hits = datamodule.label_accuracy(x, labels).float()
+    return {"label_accuracy": float(hits.mean()),
+            "per_class_accuracy": [round(float(hits[labels == c].mean()), 4) for c in range(datamodule.num_classes)]}
+
+
 def collate_dict(batch):
     """TensorDictDataset already returns whole batches: pass them through."""
     return batch

@@ -137,7 +137,7 @@ def requested_labels(labels, num_samples: int, datamodule, path) -> tuple["torch
     if labels == "all":
         per_class = math.ceil(num_samples / classes)
         return torch.arange(classes).repeat_interleave(per_class), per_class * classes, {"nrow": per_class}
-    wanted = list(labels) if isinstance(labels, (list, tuple)) or hasattr(labels, "__iter__") and not isinstance(labels, str) else [labels]
+    wanted = list(labels) if isinstance(labels, (list, tuple)) else [labels]
     if not wanted or not all(isinstance(c, int) and not isinstance(c, bool) for c in wanted):
         raise ConfigError(f"labels={labels} is not valid: a class number, a list of them ([0,1,2]) or all")
     bad = [c for c in wanted if not 0 <= c < classes]

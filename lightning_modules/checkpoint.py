@@ -135,11 +135,12 @@ RESUME_SAFE_KEYS = frozenset({
 })
 
 
-def _flat_settings(section, prefix: str = "") -> dict:
+def flat_settings(section, prefix: str = "") -> dict:
+    """A nested settings dict as {'a.b.c': value}."""
     out = {}
     for key, value in (section or {}).items():
         if isinstance(value, dict):
-            out.update(_flat_settings(value, f"{prefix}{key}."))
+            out.update(flat_settings(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -148,8 +149,8 @@ def _flat_settings(section, prefix: str = "") -> dict:
 def check_model_settings(saved: DictConfig, cfg: DictConfig, path: str | Path) -> None:
     """Refuse a resume whose model.* settings change what the saved weights mean (model.schedule, num_timesteps,
     prediction, ...); optimizer, scheduler and sampling settings may change."""
-    then = _flat_settings(OmegaConf.to_container(saved.model, resolve=True))
-    now = _flat_settings(OmegaConf.to_container(cfg.model, resolve=True))
+    then = flat_settings(OmegaConf.to_container(saved.model, resolve=True))
+    now = flat_settings(OmegaConf.to_container(cfg.model, resolve=True))
     # Keys on one side only are settings of another version of the code (renamed or added since): the class's
     # default applies to them, as it did when the checkpoint loads for sampling.
     for key in sorted(set(then) & set(now)):
