@@ -13,7 +13,7 @@ n_layer 8, n_head 4, n_emb 256 is the paper's low-dim Push-T setting (8.97M para
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.nets.embeddings import as_batch, sinusoidal_embedding
+from lightning_modules.nets.embeddings import Condition, as_batch, keep_checkpoint_names, sinusoidal_embedding
 from lightning_modules.nets.param_groups import weight_matrix_groups
 
 
@@ -43,17 +43,7 @@ class TransformerForDiffusion1D(nn.Module):
             raise ValueError(f"n_cond_layers must be >= 0 (0: an MLP encodes the memory), got {n_cond_layers}")
         if n_head < 1 or n_emb % n_head:
             raise ValueError(f"n_emb ({n_emb}) must be divisible by n_head ({n_head}): each head gets n_emb / n_head dims")
-        if cond_dim is not None:
-            cond_dim, n_obs_steps = int(cond_dim), int(n_obs_steps)
-            if n_obs_steps < 1 or cond_dim % n_obs_steps:
-                raise ValueError(
-                    f"cond_dim {cond_dim} must be divisible by n_obs_steps {n_obs_steps}: the flat cond is read as "
-                    f"(n_obs_steps, obs_dim) tokens; set the net's n_obs_steps to the data's (${{data.n_obs_steps}})"
-                )
         self.data_shape = (horizon, action_dim)
-        self.cond_dim = cond_dim
-        self.n_obs_steps = n_obs_steps if cond_dim is not None else 0
-        self.obs_dim = cond_dim // n_obs_steps if cond_dim is not None else 0
         self.n_emb = n_emb
         self.causal_attn = bool(causal_attn)
         self.embedding_scale = embedding_scale
@@ -63,8 +53,11 @@ class TransformerForDiffusion1D(nn.Module):
         self.drop = nn.Dropout(p_drop_emb)
 
         # Memory: the noise-level token first, then the observation tokens, each with its own position.
+        self.condition = Condition(cond_dim, "tokens", n_emb, n_obs_steps)
+        keep_checkpoint_names(self)
+        cond = self.condition
+        self.cond_dim, self.n_obs_steps, self.obs_dim = cond.cond_dim, cond.n_obs_steps, cond.obs_dim
         n_memory = 1 + self.n_obs_steps
-        self.cond_obs_emb = nn.Linear(self.obs_dim, n_emb) if cond_dim is not None else None
         self.cond_pos_emb = nn.Parameter(torch.zeros(1, n_memory, n_emb))
         if n_cond_layers > 0:
             layer = nn.TransformerEncoderLayer(
@@ -126,26 +119,16 @@ class TransformerForDiffusion1D(nn.Module):
         configure_optimizers uses them, with the optimizer's weight_decay when none is given."""
         return weight_matrix_groups(self, weight_decay)
 
+    @property
+    def cond_obs_emb(self) -> nn.Linear | None:
+        """Where the layer lived before Condition; code still reads it here."""
+        return self.condition.cond_obs_emb
+
     def _memory(self, noise_level: Tensor | float, cond: Tensor | None, batch_size: int, device) -> Tensor:
         noise_level = as_batch(noise_level, batch_size, device)
         dtype = self.input_emb.weight.dtype  # follow the net (float64 for gradient checks)
         time_token = sinusoidal_embedding(noise_level * self.embedding_scale, self.n_emb).to(dtype)[:, None]
-        if self.cond_dim is None:
-            if cond is not None:
-                raise ValueError("got a cond tensor, but the net was built with cond_dim=None")
-            tokens = time_token
-        else:
-            if cond is None:
-                raise ValueError(
-                    f"the net was built with cond_dim={self.cond_dim}, so cond (B, {self.cond_dim}) is required"
-                )
-            # An observation history (B, T, D) counts as one flat vector of T * D, as for the other nets.
-            flat = cond.reshape(cond.shape[0], -1) if cond.ndim >= 1 else cond
-            if flat.shape != (batch_size, self.cond_dim):
-                seen = f"{tuple(cond.shape)}" + (f" (flattened: {tuple(flat.shape)})" if cond.ndim > 2 else "")
-                raise ValueError(f"cond must have shape ({batch_size}, {self.cond_dim}), got {seen}")
-            obs = flat.to(dtype).reshape(batch_size, self.n_obs_steps, self.obs_dim)
-            tokens = torch.cat([time_token, self.cond_obs_emb(obs)], dim=1)
+        tokens = self.condition(time_token, cond, dtype)
         return self.encoder(self.drop(tokens + self.cond_pos_emb))
 
     def forward(self, x: Tensor, noise_level: Tensor | float, cond: Tensor | None = None) -> Tensor:

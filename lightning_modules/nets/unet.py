@@ -133,7 +133,7 @@ class UNet(nn.Module):
         self.data_shape = tuple(data_shape)
         temb_dim = 4 * ch
         self.embed = NoiseLevelEmbedding(ch, temb_dim, cond_dim, embedding_scale)
-        for linear in (*self.embed.time_mlp, *(self.embed.cond_mlp or ())):
+        for linear in self.embed.modules():  # the time MLP's, then the condition MLP's
             if isinstance(linear, nn.Linear):
                 _init(linear)
 

@@ -11,7 +11,7 @@ horizon 16, action_dim 2, two 20-dim observations).
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.nets.embeddings import as_batch, sinusoidal_embedding
+from lightning_modules.nets.embeddings import Condition, as_batch, sinusoidal_embedding
 from lightning_modules.nets.unet import GroupNorm32
 
 
@@ -82,6 +82,7 @@ class ConditionalUnet1D(nn.Module):
             nn.Linear(4 * step_embed_dim, step_embed_dim),
         )
         # The observations enter raw (no encoder of their own): each block's FiLM layer is their encoder.
+        self.condition = Condition(cond_dim, "concat")
         cond_vec_dim = step_embed_dim + (cond_dim or 0)
 
         def res(i: int, o: int) -> ConditionalResidualBlock1D:
@@ -124,20 +125,8 @@ class ConditionalUnet1D(nn.Module):
     def _cond_vector(self, noise_level: Tensor | float, cond: Tensor | None, batch_size: int, device) -> Tensor:
         noise_level = as_batch(noise_level, batch_size, device)
         dtype = self.step_encoder[0].weight.dtype  # follow the net (float64 for gradient checks)
-        emb = sinusoidal_embedding(noise_level * self.embedding_scale, self.step_embed_dim).to(dtype)
-        emb = self.step_encoder(emb)
-        if self.cond_dim is None:
-            if cond is not None:
-                raise ValueError("got a cond tensor, but the net was built with cond_dim=None")
-            return emb
-        if cond is None:
-            raise ValueError(f"the net was built with cond_dim={self.cond_dim}, so cond (B, {self.cond_dim}) is required")
-        # An observation history (B, T, D) counts as one flat vector of T * D.
-        flat = cond.reshape(cond.shape[0], -1) if cond.ndim >= 1 else cond
-        if flat.shape != (batch_size, self.cond_dim):
-            seen = f"{tuple(cond.shape)}" + (f" (flattened: {tuple(flat.shape)})" if cond.ndim > 2 else "")
-            raise ValueError(f"cond must have shape ({batch_size}, {self.cond_dim}), got {seen}")
-        return torch.cat([emb, flat.to(dtype)], dim=1)
+        emb = self.step_encoder(sinusoidal_embedding(noise_level * self.embedding_scale, self.step_embed_dim).to(dtype))
+        return self.condition(emb, cond, dtype)
 
     def forward(self, x: Tensor, noise_level: Tensor | float, cond: Tensor | None = None) -> Tensor:
         if tuple(x.shape[1:]) != self.data_shape:
