@@ -13,7 +13,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.base import label_scores, one_hot
+from datamodules.base import label_scores, one_hot, sampling_cond
 from difflab.cli import entry_keys, one_line_errors, refuse_training_groups, requested_labels, writable_dir
 from difflab.config_checks import check_config, check_known_keys
 from difflab.errors import SAMPLER_DIVERGED, ConfigError, require_finite
@@ -141,6 +141,8 @@ def main(cfg: DictConfig) -> dict:
     kwargs = {"sampler": cfg.sampler, "steps": cfg.steps, **sampling_options(cfg), **guide}
     labels, _, _ = requested_labels(None, num_samples, datamodule, cfg.ckpt_path)  # labelled: every class in turn
     cond = None if labels is None else one_hot(labels, datamodule.num_classes).to(device)
+    if getattr(datamodule, "cond_kind", None) == "attributes":  # multi-label: the validation images' vectors in turn
+        cond = sampling_cond(datamodule, num_samples)[1].to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.perf_counter()
     x, nfe = module.sample_many(num_samples, cfg.batch_size, generator, cond=cond, progress=cfg.progress, return_nfe=True, **kwargs)

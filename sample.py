@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.pictures import save_png
-from datamodules.base import one_hot
+from datamodules.base import one_hot, sampling_cond
 from difflab.cli import entry_keys, one_line_errors, refuse_training_groups, requested_labels, writable_dir
 from difflab.config_checks import check_config, check_known_keys
 from difflab.errors import SAMPLER_DIVERGED, ConfigError, require_finite
@@ -63,6 +63,8 @@ def main(cfg: DictConfig) -> Path:
     labels, num_samples, layout = requested_labels(
         OmegaConf.to_container(cfg.labels) if OmegaConf.is_config(cfg.labels) else cfg.labels, cfg.num_samples, datamodule, cfg.ckpt_path)
     cond = None if labels is None else one_hot(labels, datamodule.num_classes).to(device)
+    if getattr(datamodule, "cond_kind", None) == "attributes":  # multi-label: the validation images' vectors in turn
+        cond = sampling_cond(datamodule, num_samples)[1].to(device)
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.perf_counter()
@@ -79,6 +81,8 @@ def main(cfg: DictConfig) -> Path:
         **({} if labels is None else {"labels": labels.numpy()}),
     )
     shown = x if layout else (x[:256] if datamodule.data_kind == "image" else x)
+    if labels is not None and datamodule.data_kind == "points":  # a scatter coloured by each sample's class
+        layout = {**layout, "labels": labels[: len(shown)]}
     png = save_png(datamodule.render(shown, **layout), out_dir / "samples.png")
     print(f"{len(x)} samples in {seconds:.1f}s ({len(x) / seconds:.1f} samples/s) -> {out_dir / 'samples.npz'} and {png}")
     return out_dir

@@ -15,7 +15,7 @@ import torch
 
 from callbacks.ema import ema_weights
 from callbacks.periodic import EveryNValidations
-from datamodules.base import balanced_labels, one_hot
+from datamodules.base import sampling_cond
 
 
 def shard_size(total: int, world_size: int, rank: int) -> int:
@@ -38,14 +38,15 @@ def gather_shards(trainer: pl.Trainer, x: torch.Tensor, total: int) -> torch.Ten
 def measure(trainer: pl.Trainer, pl_module, metric, num_samples: int, seed: int, batch_size: int, **sample_kwargs) -> dict | None:
     """Sample `num_samples` over all ranks with the EMA weights and return {metric name: value} (on every rank for
     synced metrics, on rank 0 otherwise; None on the other ranks). Labelled data: the labels cycle through every
-    class, and the share of samples the data's classifier reads as their label is `label_accuracy` beside it."""
+    class, and the share of samples the data's classifier reads as their label is `label_accuracy` beside it (left
+    out where the data have no classifier: CIFAR-10, CelebA). Attribute data: the validation images' vectors in turn."""
     rank, world = trainer.global_rank, trainer.world_size
     generator = torch.Generator(device=pl_module.device).manual_seed(seed + 1_000_003 * rank)
     datamodule, shard = trainer.datamodule, shard_size(num_samples, world, rank)
-    labels = None
-    if getattr(datamodule, "cond_kind", None) == "labels":
-        labels = balanced_labels(shard, datamodule.num_classes, sum(shard_size(num_samples, world, r) for r in range(rank)))
-        sample_kwargs = {**sample_kwargs, "cond": one_hot(labels, datamodule.num_classes).to(pl_module.device)}
+    # labels: every class in turn; attributes (multi-label): the validation images' attribute vectors in turn
+    labels, cond = sampling_cond(datamodule, shard, sum(shard_size(num_samples, world, r) for r in range(rank)))
+    if cond is not None:
+        sample_kwargs = {**sample_kwargs, "cond": cond.to(pl_module.device)}
     with ema_weights(trainer, pl_module):
         x = pl_module.sample_many(shard, batch_size, generator, **sample_kwargs)
     extra = {}

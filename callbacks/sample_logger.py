@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.ema import ema_weights
 from callbacks.periodic import EveryNValidations
-from datamodules.base import one_hot
+from datamodules.base import one_hot, sampling_cond
 from difflab.pictures import save_png
 
 
@@ -42,10 +42,15 @@ class SampleLogger(EveryNValidations):
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         datamodule, n = trainer.datamodule, self.count(trainer, self.num_samples)
         cond, layout = None, {}
-        if getattr(datamodule, "cond_kind", None) == "labels":  # one row per class
+        kind = getattr(datamodule, "cond_kind", None)
+        if kind == "labels":  # one row per class
             per_class = max(n // datamodule.num_classes, 1)
             labels = torch.arange(datamodule.num_classes).repeat_interleave(per_class)
             cond, n, layout = one_hot(labels, datamodule.num_classes).to(pl_module.device), len(labels), {"nrow": per_class}
+            if datamodule.data_kind == "points":  # a scatter: the points coloured by class
+                layout["labels"] = labels
+        elif kind == "attributes":  # multi-label: the first n validation images' attribute vectors
+            cond = sampling_cond(datamodule, n)[1].to(pl_module.device)
         with ema_weights(trainer, pl_module):
             x = pl_module.sample(n, cond=cond, generator=generator, **self.sampling(trainer, pl_module, self.sampler, self.steps))
         image = datamodule.render(x, **layout)

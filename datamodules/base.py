@@ -38,6 +38,20 @@ def balanced_labels(n: int, num_classes: int, offset: int = 0) -> torch.Tensor:
     return (torch.arange(n) + offset) % num_classes
 
 
+def sampling_cond(datamodule, n: int, offset: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(labels, cond) for drawing n samples of the data's kind of condition, on the CPU. "labels": every class in turn
+    (balanced_labels) and their one-hot; "attributes" (multi-label, e.g. CelebA's 40): no labels, and the
+    datamodule's attribute_conditions(n, offset), attribute vectors of real validation images; otherwise (None, None).
+    offset continues the cycle (a rank's shard after the ones before it)."""
+    kind = getattr(datamodule, "cond_kind", None)
+    if kind == "labels":
+        labels = balanced_labels(n, datamodule.num_classes, offset)
+        return labels, one_hot(labels, datamodule.num_classes)
+    if kind == "attributes":
+        return None, datamodule.attribute_conditions(n, offset).float()
+    return None, None
+
+
 def label_scores(datamodule, x: torch.Tensor, labels: torch.Tensor) -> dict:
     """label_accuracy (the share of samples the data's classifier reads as their requested label) and the same per
     class, for metrics.json; empty where the data have no classifier."""
@@ -79,8 +93,10 @@ class ArrayDataModule(pl.LightningDataModule):
     data_kind = "image"  # 'image' | 'points' | 'trajectory': how samples are rendered
     num_levels: int | None = None  # discrete intensity levels (dequantisation for bits/dim); None: continuous data
 
-    # What a batch's cond is: None (unconditional), "labels" (one-hot class labels, num_classes of them), or
-    # "observations" (a policy's history): callbacks and the final evaluation decide what to draw from it.
+    # What a batch's cond is: None (unconditional), "labels" (one-hot class labels, num_classes of them),
+    # "attributes" (a 0/1 vector of cond_dim attributes that may hold together, e.g. CelebA's; samples are drawn for
+    # real validation images' vectors, see sampling_cond) or "observations" (a policy's history): callbacks and the
+    # final evaluation decide what to draw from it.
     cond_kind: str | None = None
     num_classes: int | None = None
 

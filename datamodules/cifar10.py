@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datamodules.base import one_hot
 from datamodules.images import ImageDataModule, ImageDataset
 from difflab.errors import ConfigError, DataError, MissingFileError
 
@@ -21,6 +22,8 @@ FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILES = ["test_batch"]
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+# The classes 0..9 in order (batches.meta's label_names)
+CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def missing_cifar10_error(root: Path, missing: list[str], cause: str = "") -> MissingFileError:
@@ -31,9 +34,10 @@ def missing_cifar10_error(root: Path, missing: list[str], cause: str = "") -> Mi
     )
 
 
-def read_cifar10_batches(folder: Path, names: list[str]) -> torch.Tensor:
-    """The images of the named batch files, uint8 (N, 3, 32, 32)."""
-    arrays = []
+def read_cifar10_batches(folder: Path, names: list[str], with_labels: bool = False):
+    """The images of the named batch files, uint8 (N, 3, 32, 32); with_labels: also their classes, int64 (N,) in
+    0..9 (each batch's 'labels', what torchvision's CIFAR10 gives as targets)."""
+    arrays, labels = [], []
     for name in names:
         path = folder / name
         try:
@@ -49,15 +53,24 @@ def read_cifar10_batches(folder: Path, names: list[str]) -> torch.Tensor:
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise DataError(f"{path}: expected 'data' as uint8 (N, 3072), got {data.dtype} {data.shape}; is this another data set?")
         arrays.append(data)
+        if with_labels:
+            targets = np.asarray(entry.get("labels", []))
+            if targets.shape != (len(data),) or not np.issubdtype(targets.dtype, np.integer) or (
+                    len(targets) and (targets.min() < 0 or targets.max() >= len(CLASS_NAMES))):
+                raise DataError(f"{path}: expected 'labels' as {len(data)} classes in 0..{len(CLASS_NAMES) - 1} (one per image), "
+                                f"got {targets.dtype} {targets.shape}; delete it and download {URL} again")
+            labels.append(targets.astype(np.int64))
     # Each row is three 32x32 planes (R, G, B), each row-major.
-    return torch.from_numpy(np.concatenate(arrays).reshape(-1, 3, 32, 32))
+    images = torch.from_numpy(np.concatenate(arrays).reshape(-1, 3, 32, 32))
+    return (images, torch.from_numpy(np.concatenate(labels))) if with_labels else images
 
 
 class ArrayImages(ImageDataset):
     """Images held in memory as uint8 (N, C, H, W); `indices` picks a split without copying."""
 
-    def __init__(self, images: torch.Tensor, indices: list[int] | None = None, flip: bool = False):
-        super().__init__(flip)
+    def __init__(self, images: torch.Tensor, indices: list[int] | None = None, flip: bool = False,
+                 cond: torch.Tensor | None = None):
+        super().__init__(flip, cond)  # cond: one row per item of this split (not per image of `images`)
         self.images = images
         self.indices = list(range(len(images))) if indices is None else list(indices)
 
@@ -69,8 +82,14 @@ class ArrayImages(ImageDataset):
 
 
 class CIFAR10DataModule(ImageDataModule):
-    """Batches {'x': (B, 3, 32, 32)}; val_size images of the 50,000 training images (fixed by split_seed)
-    are held out for validation, test is the official 10,000-image test batch."""
+    """Batches {'x': (B, 3, 32, 32)}, with labels=True also {'cond': (B, 10)}, the one-hot class of each image
+    (a class-conditional model); val_size images of the 50,000 training images (fixed by split_seed)
+    are held out for validation, test is the official 10,000-image test batch.
+
+    There is no label_accuracy: the classifier it would need is not shipped (nor downloadable offline), so a
+    labelled run reports FID alone."""
+
+    class_names = CLASS_NAMES
 
     def __init__(
         self,
@@ -84,9 +103,16 @@ class CIFAR10DataModule(ImageDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         inception_weights: str | None = None,
+        labels: bool | None = False,
     ):
         super().__init__(root, download, batch_size, random_flip, num_workers, pin_memory, persistent_workers)
+        labels = False if labels is None else labels  # null in the config: what runs from before labels existed had
+        if not isinstance(labels, bool):
+            raise ConfigError(f"data.labels={labels!r} is not valid: data.labels must be true or false for CIFAR-10")
         self.inception_weights = inception_weights
+        self.labels = labels
+        self.cond_kind, self.num_classes = ("labels", len(CLASS_NAMES)) if labels else (None, None)
+        self.cond_dim = self.num_classes
         self.val_size = val_size
         self.split_seed = split_seed
         self.data_shape = (3, 32, 32)
@@ -115,16 +141,27 @@ class CIFAR10DataModule(ImageDataModule):
         if missing := self._missing():
             raise missing_cifar10_error(self.root, missing)
         folder = self.root / FOLDER
-        self._official = {"train": read_cifar10_batches(folder, TRAIN_FILES), "test": read_cifar10_batches(folder, TEST_FILES)}
-        train = self._official["train"]
+        if self.labels:
+            (train, train_labels), (test, test_labels) = (read_cifar10_batches(folder, names, with_labels=True)
+                                                          for names in (TRAIN_FILES, TEST_FILES))
+        else:
+            train, test = read_cifar10_batches(folder, TRAIN_FILES), read_cifar10_batches(folder, TEST_FILES)
+            train_labels = test_labels = None
+        self._official = {"train": train, "test": test}
         if not 0 <= self.val_size < len(train):
             raise ConfigError(f"data.val_size must be in [0, {len(train)}), got {self.val_size}")
         order = np.random.default_rng(self.split_seed).permutation(len(train))
         val_idx, train_idx = sorted(order[: self.val_size].tolist()), sorted(order[self.val_size :].tolist())
+
+        def cond(targets: torch.Tensor | None, indices: list[int] | None = None) -> torch.Tensor | None:
+            if targets is None:
+                return None
+            return one_hot(targets if indices is None else targets[indices], self.num_classes)
+
         self._splits = {
-            "train": ArrayImages(train, train_idx, flip=self.random_flip),
-            "val": ArrayImages(train, val_idx),
-            "test": ArrayImages(self._official["test"]),
+            "train": ArrayImages(train, train_idx, flip=self.random_flip, cond=cond(train_labels, train_idx)),
+            "val": ArrayImages(train, val_idx, cond=cond(train_labels, val_idx)),
+            "test": ArrayImages(test, cond=cond(test_labels)),
         }
 
     def _fid_dataset(self, split: str) -> ImageDataset:

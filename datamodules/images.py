@@ -19,15 +19,17 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 
 
 class ImageDataset(Dataset):
-    """Items {'x': float (C, H, W) in [-1, 1]}; subclasses implement load(i) -> uint8 (C, H, W).
+    """Items {'x': float (C, H, W) in [-1, 1]}, with `cond` also {'cond': cond[i]} (a float vector per item: one-hot
+    labels or 0/1 attributes, unchanged by a flip); subclasses implement load(i) -> uint8 (C, H, W).
 
     With flip=True each draw is mirrored left-right with p=0.5 (DDPM, NCSN++: the only augmentation).
     The coin comes from torch's global RNG, which the DataLoader seeds per worker and Lightning's
     seed_everything seeds in the main process, so runs are reproducible.
     """
 
-    def __init__(self, flip: bool):
+    def __init__(self, flip: bool, cond: torch.Tensor | None = None):
         self.flip = flip
+        self.cond = cond
 
     def load(self, index: int) -> torch.Tensor:
         raise NotImplementedError
@@ -36,7 +38,9 @@ class ImageDataset(Dataset):
         image = self.load(index)
         if self.flip and torch.rand(()) < 0.5:
             image = image.flip(-1)
-        return {"x": to_model_range(image)}
+        if self.cond is None:
+            return {"x": to_model_range(image)}
+        return {"x": to_model_range(image), "cond": self.cond[index]}
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -48,6 +52,10 @@ class ImageDataModule(pl.LightningDataModule):
 
     data_kind = "image"
     num_levels = 256  # 8-bit pixels
+    # What a batch's cond is (see datamodules/base.py): None, "labels" (one-hot, num_classes of them) or, for
+    # multi-label data, "attributes" (a 0/1 vector of cond_dim attributes; drawn from the validation set's vectors).
+    cond_kind: str | None = None
+    num_classes: int | None = None
 
     def __init__(
         self,
@@ -119,10 +127,11 @@ class ImageDataModule(pl.LightningDataModule):
         """Back to [0, 1] pixels."""
         return (x.clamp(-1, 1) + 1.0) / 2.0
 
-    def render(self, x: torch.Tensor) -> np.ndarray:
+    def render(self, x: torch.Tensor, nrow: int | None = None) -> np.ndarray:
+        """A grid of nrow images per row (None: square)."""
         from difflab.pictures import image_grid
 
-        return image_grid(self.unnormalize(x))
+        return image_grid(self.unnormalize(x), nrow=nrow)
 
     def make_metric(self):
         """FID against the training images; real statistics cached per dataset and resolution (fid_name)."""
