@@ -24,10 +24,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from callbacks.periodic import SMOKE_EPISODE_STEPS, SMOKE_SAMPLES
 from callbacks.sample_logger import log_image
-from datamodules.base import balanced_labels, label_scores, one_hot
+from datamodules.base import balanced_labels, label_scores, one_hot, sampling_cond
 from difflab.pictures import save_png
 from difflab.checkpoint_io import SafeCheckpointIO
-from difflab.cli import one_line_errors, print_error, resume_command
+from difflab.cli import one_line_errors, print_error, refuse_moved_sampling_keys, resume_command
 from difflab.config_checks import check_config
 from difflab.errors import SAMPLER_DIVERGED, MissingFileError, require_finite
 from lightning_modules.checkpoint import build_model, check_compatible, flat_settings, read_checkpoint
@@ -127,13 +127,18 @@ def final_evaluation(cfg: DictConfig, module, datamodule, trainer: pl.Trainer, o
     if getattr(datamodule, "cond_kind", None) == "labels":  # every class equally often; a grid with a column per class
         labels = balanced_labels(num_samples, datamodule.num_classes)
         cond, layout = one_hot(labels, datamodule.num_classes).to(module.device), {"nrow": datamodule.num_classes}
+    elif getattr(datamodule, "cond_kind", None) == "attributes":  # multi-label: the validation images' vectors in turn
+        cond = sampling_cond(datamodule, num_samples)[1].to(module.device)
     x, nfe = module.sample_many(num_samples, 1024, generator, cond=cond, sampler=sampler, steps=steps, return_nfe=True)
     seconds = time.perf_counter() - start
     kept = (f"the run's checkpoints are kept; {SAMPLER_DIVERGED}, e.g. with "
             f"python evaluate.py ckpt_path={getattr(trainer.checkpoint_callback, 'last_model_path', '') or '<run>/checkpoints/last.ckpt'}")
     require_finite(x, f"the final samples (sampler={sampler or module.sampler})", kept)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shown = x[: 64 - 64 % datamodule.num_classes] if labels is not None else (x[:64] if datamodule.data_kind == "image" else x)
+    if datamodule.data_kind != "image":  # a scatter of every sample, coloured by class where labelled
+        shown, layout = x, ({"labels": labels} if labels is not None else {})
+    else:
+        shown = x[: 64 - 64 % datamodule.num_classes] if labels is not None else x[:64]
     image = datamodule.render(shown, **layout)
     png = save_png(image, out_dir / "samples.png")
     np.savez_compressed(out_dir / "samples.npz", samples=datamodule.unnormalize(x).numpy())
@@ -252,4 +257,5 @@ def stop_after_interrupt(ckpt_cb, trainer: pl.Trainer) -> None:
 
 
 if __name__ == "__main__":
+    refuse_moved_sampling_keys()
     main()

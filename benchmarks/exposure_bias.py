@@ -32,8 +32,8 @@ DATA = {"toy2d": ["data=toy2d", "data.name=swiss_roll"], "digits": ["data=digits
 TRAINED = {  # variant: train.py overrides
     "baseline": ["model=ddpm"],
     "ss_renoise": ["model=scheduled_sampling", "model.ss_rollback=renoise"],
-    "ss_ancestral": ["model=scheduled_sampling", "model.ss_rollback=ancestral", "model.variance=posterior"],
-    "ss_sampler_step": ["model=scheduled_sampling", "model.ss_rollback=sampler_step", "model.sample_steps=10"],
+    "ss_ancestral": ["model=scheduled_sampling", "model.ss_rollback=ancestral", "model.sampling.options.variance=posterior"],
+    "ss_sampler_step": ["model=scheduled_sampling", "model.ss_rollback=sampler_step", "model.sampling.steps=10"],
     "input_perturbation": ["model=ddpm", "model.input_perturbation=0.1"],
 }
 SAMPLERS = {"ancestral": ["sampler=ancestral"], "ddim50": ["sampler=ddim", "steps=50"], "ddim10": ["sampler=ddim", "steps=10"], "ddim4": ["sampler=ddim", "steps=4"],

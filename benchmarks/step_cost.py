@@ -30,8 +30,8 @@ VARIANTS = {
     "baseline": ["model=ddpm"],
     "input_perturbation": ["model=ddpm", "model.input_perturbation=0.1"],
     "ss_renoise": ["model=scheduled_sampling", "model.ss_rollback=renoise"],
-    "ss_ancestral": ["model=scheduled_sampling", "model.ss_rollback=ancestral", "model.variance=posterior"],
-    "ss_sampler_step": ["model=scheduled_sampling", "model.ss_rollback=sampler_step", "model.sample_steps=10"],
+    "ss_ancestral": ["model=scheduled_sampling", "model.ss_rollback=ancestral", "model.sampling.options.variance=posterior"],
+    "ss_sampler_step": ["model=scheduled_sampling", "model.ss_rollback=sampler_step", "model.sampling.steps=10"],
 }
 
 

@@ -95,6 +95,40 @@ def forward_sampler_options(entry: str) -> None:
             sys.argv[i] = f"+options.{key}={value}"
 
 
+def moved_sampling_key(arg: str) -> str | None:
+    """The line for a `model.<sampler setting>=` override of the layout before the sampling block (model.sampler,
+    model.sample_steps, model.eta, ...), or None: those settings now live in model.sampling."""
+    import samplers
+    from lightning_modules.ddpm import DDPM
+    from lightning_modules.ncsn import NCSN
+
+    key, sep, value = arg.lstrip("+~").partition("=")
+    parts = key.split(".")
+    if not sep or len(parts) != 2 or parts[0] != "model":
+        return None
+    name = parts[1]
+    renames = NCSN.legacy_sampling
+    options = set().union(*(s.options for s in samplers.SAMPLERS.values())) | set(DDPM.default_sampling["options"])
+    if name in renames:
+        new = renames[name]
+        where = f"model.sampling.{new}" if new in ("sampler", "steps") else f"model.sampling.options.{new}"
+    elif name in options:
+        where = f"model.sampling.options.{name}"
+    else:
+        return None
+    return f"{key} is now {where} (sampler settings live in the model's sampling block): pass {where}={value}"
+
+
+def refuse_moved_sampling_keys() -> None:
+    """Before Hydra composes train.py's config: an override of a sampler setting by its old place gets one line
+    naming the new one, not Hydra's advice to add the key with +."""
+    for arg in sys.argv[1:]:
+        line = moved_sampling_key(arg) if not arg.startswith("-") else None
+        if line is not None:
+            print_error(line)
+            sys.exit(2)
+
+
 def refuse_training_groups(entry: str, hint: str = "") -> None:
     """Before Hydra composes sample.py's or evaluate.py's config: `model=ddpm` there would get Hydra's advice to
     write `+model=ddpm`, which is refused next. A training config group on the command line gets the project's

@@ -61,15 +61,15 @@ PROBABILITY = number(0, 1)
 
 # By a setting's last name, wherever it sits.
 RULES: dict[str, Rule] = {
-    **dict.fromkeys(["batch_size", "num_timesteps", "sample_steps", "num_scales", "num_episodes", "num_train", "num_val",
+    **dict.fromkeys(["batch_size", "num_timesteps", "num_scales", "num_episodes", "num_train", "num_val",
                      "horizon", "n_obs_steps", "ssm_projections", "ch", "hidden", "depth", "emb_dim", "step_embed_dim",
                      "n_groups", "kernel_size", "s0", "s1", "log_every_n_steps", "accumulate_grad_batches", "num_nodes",
-                     "resolution", "crop_size", "n_steps_each"], POSITIVE),
+                     "resolution", "crop_size", "n_steps_each", "n_steps"], POSITIVE),
     **dict.fromkeys(["steps", "total_steps", "n_action_steps", "max_steps", "num_samples"], OPTIONAL_POSITIVE),
     **dict.fromkeys(["num_workers", "every_n_val", "max_rollback", "time_shift_cutoff", "warmup_steps", "num_res_blocks",
                      "val_size", "n_corrector_steps", "refresh_rate", "first_seed", "seed", "split_seed"], COUNT),
     "time_shift_window": OPTIONAL_COUNT,
-    **dict.fromkeys(["lr", "sigma_min", "sigma_max", "sigma_data", "snr", "step_lr", "langevin_step_size", "rtol", "atol",
+    **dict.fromkeys(["lr", "sigma_min", "sigma_max", "sigma_data", "snr", "step_lr", "step_size", "rtol", "atol",
                      "rho", "p_std", "logit_std"], POSITIVE_REAL),
     "eps_scale": number(0, low_open=True, optional=True),
     "huber_c": number(0, low_open=True, optional=True),
@@ -90,7 +90,8 @@ KEY_RULES: dict[str, Rule] = {
     "trainer.max_epochs": whole(-1, optional=True),
     "trainer.val_check_interval": Rule(lambda v: (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1),
                                        "a whole number of steps >= 1 or a fraction of an epoch in (0, 1]", optional=True),
-    "data.labels": Rule(lambda v: isinstance(v, bool), "true or false"),
+    "data.labels": Rule(lambda v: isinstance(v, (bool, str)), "true or false (for data=celeba also one attribute's name, "
+                        "e.g. Smiling)", optional=True),  # null: false; which data take which value: check_data_labels
     "model.cond_drop": number(0, 1, high_open=True, optional=True),
     "final_eval.num_episodes": COUNT,  # 0: no closed-loop evaluation at the end (a dataset without a simulator)
     "speed.cpu_threads": Rule(lambda v: v == "auto" or (_is_int(v) and v >= 1), "auto or a whole number >= 1"),
@@ -142,6 +143,7 @@ def check_config(cfg: DictConfig, entry: str = "train") -> None:
         rule = KEY_RULES.get(key) or extra.get(key) or RULES.get(name)
         if rule is not None:  # a sampler option of sample.py / evaluate.py is shown as typed: eps_scale=, not options.eps_scale=
             rule.check(key.removeprefix(f"{SAMPLER_OPTIONS}.") if entry != "train" else key, value)
+    check_data_labels(cfg)
     trainer = cfg.get("trainer")
     if entry == "train" and trainer is not None and not trainer.get("fast_dev_run"):
         max_steps, max_epochs = trainer.get("max_steps"), trainer.get("max_epochs")
@@ -151,6 +153,28 @@ def check_config(cfg: DictConfig, entry: str = "train") -> None:
         if max_steps == -1 and not (max_epochs and max_epochs >= 1):
             raise ConfigError("trainer.max_steps=-1 with trainer.max_epochs=-1 never stops: set trainer.max_steps >= 1 "
                               "or trainer.max_epochs >= 1")
+
+
+def check_data_labels(cfg: DictConfig) -> None:
+    """data.labels by data: true/false everywhere it exists (digits, cifar10, toy2d, celeba); an attribute name only
+    for celeba, and one it has; true on a toy only for a mixture (a toy with components)."""
+    data = cfg.get("data")
+    if not isinstance(data, DictConfig) or data.get("labels") is None:  # null: false
+        return
+    labels, target = data.get("labels"), str(data.get("_target_") or "")
+    name = target.rsplit(".", 2)[-2] if target.count(".") >= 2 else target  # datamodules.<name>.<Class>
+    if name == "celeba":
+        from datamodules.celeba import check_celeba_labels
+
+        check_celeba_labels(labels)
+    elif isinstance(labels, str):
+        raise ConfigError(f"data.labels={labels!r} (str) is not valid: data.labels must be true or false for data={name}; an "
+                          "attribute's name is for data=celeba only")
+    elif name == "toy2d" and labels is True:
+        from datamodules.toy2d import TOY_COMPONENTS, TOY_DISTRIBUTIONS, toy_labels_error
+
+        if data.get("name") in TOY_DISTRIBUTIONS and data.get("name") not in TOY_COMPONENTS:  # an unknown name: its own line
+            raise ConfigError(toy_labels_error(data.get("name")))
 
 
 def check_known_keys(cfg: DictConfig, allowed: set[str], entry: str, hint: str = "") -> None:

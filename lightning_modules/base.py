@@ -13,6 +13,7 @@ from typing import Any, Callable
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 import samplers
@@ -24,7 +25,7 @@ from samplers.likelihood import dequantize, log_likelihood
 
 VAL_SEED = 12345  # validation noise is fixed so val/loss is comparable across steps
 
-GUIDANCE_OPTIONS = ("guidance", "guidance_interval", "guide")  # samplers.guidance, on every sampler of a denoiser
+GUIDANCE_OPTIONS = ("guidance", "guidance_interval", "guidance_rescale", "guide")  # samplers.guidance, on every sampler of a denoiser
 
 # NCSN's annealed Langevin: eps / sigma_L^2 = 2e-5 / 0.01^2 (Song & Ermon 2019)
 LANGEVIN_RATIO = 0.2
@@ -37,8 +38,13 @@ class DiffusionModule(pl.LightningModule):
     options it does not take, builds the grid, draws the prior and runs the sampler on `denoise`.
     """
 
-    sampler: str = ""  # the default sampler (a method's config sets it)
-    sample_steps: int = 1
+    # The method's sampling block when its config gives none (`model.sampling` in every model config): the default
+    # sampler, its steps, and defaults for any registry or method option. Handed to the base as data: no method
+    # mirrors a sampler setting as a constructor parameter, and sample.py reaches every option by name.
+    default_sampling: dict = {"sampler": "", "steps": 1, "options": {}}
+    # Checkpoints from before the block stored sampler settings as flat model.* keys: these name where a key whose
+    # name differs went (lightning_modules.checkpoint.current_config moves the others into options by name).
+    legacy_sampling: dict = {"sampler": "sampler", "sample_steps": "steps"}
     # What the model provides: samplers.DENOISER (E[x0 | x]) or samplers.CONSISTENCY (an ODE trajectory's end).
     provides: str = samplers.DENOISER
     # Options a method adds to some samplers (wrappers around its denoiser or grid), by sampler name.
@@ -59,8 +65,10 @@ class DiffusionModule(pl.LightningModule):
         data_shape: tuple[int, ...] = (),
         cond_dim: int | None = None,
         clip_denoised: bool = False,
+        sampling: dict | None = None,
     ):
         super().__init__()
+        self.configure_sampling(sampling)
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -77,6 +85,25 @@ class DiffusionModule(pl.LightningModule):
         # is replaced by the learned null condition, which classifier-free guidance then contrasts with.
         self.cond_drop = 0.0
         self.null_cond: nn.Parameter | None = None
+
+    def configure_sampling(self, block: dict | None) -> None:
+        """model.sampling = {sampler, steps, options}, over the method's default_sampling (options merge key by key)."""
+        if OmegaConf.is_config(block):  # Hydra's instantiate hands nested settings over as DictConfig
+            block = OmegaConf.to_container(block, resolve=True)
+        block = dict(block or {})
+        unknown = sorted(set(block) - {"sampler", "steps", "options"})
+        if unknown:
+            raise ConfigError(f"model.sampling.{unknown[0]} is not a setting: the block is {{sampler, steps, options: {{...}}}}")
+        default = type(self).default_sampling
+        self.sampler = str(block.get("sampler") or default["sampler"])
+        steps = block.get("steps")
+        if isinstance(steps, bool) or (steps is not None and (not isinstance(steps, int) or steps < 1)):
+            raise ConfigError(f"model.sampling.steps={steps} is not valid: a positive number of steps")
+        self.sample_steps = int(default["steps"] if steps is None else steps)
+        options = block.get("options") or {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"model.sampling.options={options!r} is not valid: a mapping of option: value")
+        self.sampling_options = {**default["options"], **options}
 
     def enable_cond_drop(self, p: float) -> None:
         """Train with condition dropout at rate p: a learned null condition in the (encoded) condition's space, so
@@ -119,10 +146,14 @@ class DiffusionModule(pl.LightningModule):
         lo, hi = self.sigma_range
         return grids.append_zero(grids.karras(steps, lo, hi, 7.0))
 
+    # The method's noise path (lightning_modules.paths: alpha(t), sigma(t) and the VE conversions), when its coordinates
+    # are not the VE form's own: prior_std, to_ve and likelihood_bounds read it, so a method on a path writes none.
+    path = None
+
     def prior_std(self, sigma: float) -> float:
         """The std of the VE-form state at the first level: sigma for VE methods, more where the method's own prior
         is unit noise in scaled coordinates (a VP x_T ~ N(0, I) is x_T / sqrt(abar) in VE form)."""
-        return sigma
+        return sigma if self.path is None else self.path.prior_ve_std(sigma)
 
     def first_draw_std(self, sigma: float, options: dict) -> float:
         """The std sample() draws the first state with: the prior's, unless a sampling option shrinks it."""
@@ -130,13 +161,14 @@ class DiffusionModule(pl.LightningModule):
 
     def to_ve(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """A state in the method's own coordinates at level sigma, in the VE form (identity for VE methods)."""
-        return x
+        return x if self.path is None else self.path.to_ve(x, sigma)
 
     def sampling_defaults(self, sampler: str) -> dict:
-        """The module's settings for the sampler's options (from its config); a call overrides them."""
-        return {}
+        """The sampling block's options that `sampler` takes (a call overrides them)."""
+        allowed = self.allowed_options(sampler)
+        return {k: v for k, v in self.sampling_options.items() if k in allowed}
 
-    def eps_lambda(self, eps_scale: float):
+    def eps_lambda(self, eps_scale: float, options: dict | None = None):
         """Epsilon Scaling's lambda (a constant here; the DDPM family also has a linear schedule in t)."""
         return float(eps_scale)
 
@@ -148,11 +180,12 @@ class DiffusionModule(pl.LightningModule):
         if guidance is not None and float(guidance) != 1.0:
             null = None if guide is not None else self.null_cond.to(cond.dtype).expand(cond.shape[0], -1).reshape(cond.shape)
             denoiser = options["_guided"] = Guided(self.denoise, cond, null, float(guidance), options.get("guidance_interval"),
-                                                   guide=None if guide is None else guide.denoise)
+                                                   guide=None if guide is None else guide.denoise,
+                                                   rescale=float(options.get("guidance_rescale") or 0.0))
         else:
             denoiser = lambda x, sigma: self.denoise(x, sigma, cond)  # noqa: E731
         if options.get("eps_scale") is not None:
-            denoiser = scale_eps(denoiser, self.eps_lambda(float(options["eps_scale"])))
+            denoiser = scale_eps(denoiser, self.eps_lambda(float(options["eps_scale"]), options))
         return samplers.clipped(denoiser) if self.clip_denoised else denoiser
 
     def refusal(self, sampler: str) -> str | None:
@@ -200,11 +233,17 @@ class DiffusionModule(pl.LightningModule):
         return sampler
 
     def check_default_sampler(self) -> None:
-        """At construction: model.sampler must name a sampler defined for the method."""
+        """At construction: model.sampling.sampler must name a sampler defined for the method, and every option of the
+        block must be one that some sampler of the method takes (the block may set options of other samplers)."""
         try:
             self.check_sampling(self.sampler)
         except ConfigError as err:
-            raise ConfigError(f"model.sampler: {err}") from None
+            raise ConfigError(f"model.sampling.sampler: {err}") from None
+        known = set().union(*(self.allowed_options(s) for s in self.samplers())) | set(GUIDANCE_OPTIONS)
+        for key in self.sampling_options:
+            if key not in known:
+                raise ConfigError(f"model.sampling.options.{key} is not an option of any sampler of {type(self).__name__} "
+                                  f"(they take: {', '.join(sorted(known - {'guide', 'steps'}))}): drop it")
 
     def check_guidance(self, options: dict) -> None:
         """guidance= / guidance_interval= need a model trained with condition dropout (its learned null condition), or
@@ -229,6 +268,11 @@ class DiffusionModule(pl.LightningModule):
         w = given.get("guidance", 1.0)
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
             raise ConfigError(f"guidance={w} is not valid: a number >= 0 (1: the conditional model, 0: the unconditional one)")
+        phi = given.get("guidance_rescale")
+        if phi is not None and (isinstance(phi, bool) or not isinstance(phi, (int, float)) or not 0 <= phi <= 1):
+            raise ConfigError(f"guidance_rescale={phi} is not valid: a number in [0, 1] (CFG-rescale's phi; 0.7 in Lin et al. 2024)")
+        if phi is not None and "guidance" not in given:
+            raise ConfigError("guidance_rescale= rescales guided estimates: pass guidance=w as well, e.g. guidance=3 guidance_rescale=0.7")
         interval = given.get("guidance_interval")
         if interval is not None and (not isinstance(interval, (list, tuple)) or len(interval) != 2
                                      or not all(isinstance(v, (int, float)) for v in interval) or not 0 <= interval[0] < interval[1]):
@@ -253,7 +297,7 @@ class DiffusionModule(pl.LightningModule):
         allowed = set(samplers.get(sampler).options) | set(self.method_options.get(sampler, ()))
         if self.provides == samplers.DENOISER:
             allowed.add("eps_scale")  # a wrapper of any denoiser (lightning_modules.exposure_fixes)
-            allowed |= {"guidance", "guide"}  # autoguidance needs no null condition (checked in check_guidance)
+            allowed |= {"guidance", "guide", "guidance_rescale"}  # autoguidance needs no null condition (check_guidance)
             if self.null_cond is not None:
                 allowed |= set(GUIDANCE_OPTIONS)  # samplers.guidance, with the learned null condition
         if sampler not in self.fixed_grid:
@@ -345,7 +389,7 @@ class DiffusionModule(pl.LightningModule):
         """(sigma_lo, sigma_hi, prior std at sigma_hi, mean_scale at sigma_lo): the data are read as the method's own
         state at sigma_lo (x_VE = x / mean_scale), the prior is N(0, std^2 I) in the VE form at sigma_hi."""
         lo, hi = self.sigma_range
-        return lo, hi, self.prior_std(hi), 1.0
+        return lo, hi, self.prior_std(hi), 1.0 if self.path is None else self.path.mean_scale(lo)
 
     def bits_per_dim(self, x: torch.Tensor, cond=None, num_levels: int | None = 256, probe: str = "rademacher",
                      rtol: float | None = None, atol: float | None = None, generator: torch.Generator | None = None):
@@ -360,8 +404,8 @@ class DiffusionModule(pl.LightningModule):
         cond = self.check_cond(cond, x.shape[0])
         y = x if num_levels is None else dequantize(x, num_levels, generator)
         lo, hi, prior, mean_scale = self.likelihood_bounds()
-        rtol = getattr(self, "rtol", 1e-5) if rtol is None else rtol
-        atol = getattr(self, "atol", 1e-5) if atol is None else atol
+        rtol = self.sampling_options.get("rtol", 1e-5) if rtol is None else rtol
+        atol = self.sampling_options.get("atol", 1e-5) if atol is None else atol
         d = x[0].numel()
         logp, nfe = log_likelihood(lambda v, s: self.denoise(v, s, cond), y / mean_scale, lo, hi, prior, probe, rtol, atol, generator)
         logp = logp - d * math.log(mean_scale)  # back to the density of the method's own coordinates

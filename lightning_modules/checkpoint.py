@@ -7,6 +7,7 @@ import inspect
 from pathlib import Path
 
 import torch
+import samplers
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -33,17 +34,57 @@ CONSISTENCY_BY_MODE = {"distill": "lightning_modules.consistency_distillation.Co
                        "train": "lightning_modules.consistency_training.ConsistencyTraining"}
 
 
+def constructor_settings(cls) -> set[str]:
+    """The settings a method class takes: its own constructor's and those it passes on to its bases'."""
+    accepted = {"_target_", "_partial_"}
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            accepted |= set(inspect.signature(klass.__init__).parameters)
+    return accepted
+
+
+def sampling_block(cfg: DictConfig) -> DictConfig:
+    """cfg with the flat sampler settings of a config from before the sampling block (model.sampler, sample_steps,
+    eta, s_churn, ...) moved into model.sampling = {sampler, steps, options} (a copy), so such checkpoints build, sample
+    and resume as they did."""
+    try:
+        cls = get_class(cfg.model._target_)
+    except Exception:  # not a class of this code: instantiating it reports that
+        return cfg
+    accepted = constructor_settings(cls)
+    renames = getattr(cls, "legacy_sampling", {})
+    option_names = set().union(*(s.options for s in samplers.SAMPLERS.values())) | set(cls.default_sampling["options"])
+    moved = [k for k in cfg.model if k not in accepted and (k in renames or k in option_names)]
+    if not moved:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        block = cfg.model.get("sampling") or {}
+        block = OmegaConf.to_container(block) if OmegaConf.is_config(block) else dict(block)
+        block.setdefault("options", {})
+        for key in moved:
+            value = cfg.model.pop(key)
+            target = renames.get(key, key)
+            if target in ("sampler", "steps"):
+                block.setdefault(target, value)
+            else:
+                block["options"].setdefault(target, value)
+        cfg.model.sampling = block
+    return cfg
+
+
 def current_config(cfg: DictConfig) -> DictConfig:
-    """cfg with a legacy consistency `model` section rewritten to the class its `mode` named (a copy; the keys
-    the other mode used are dropped), so checkpoints from before the split load and resume."""
-    if cfg.get("model") is None or cfg.model.get("_target_") != LEGACY_CONSISTENCY:
+    """cfg in today's form (a copy where it changes): flat sampler settings moved into the sampling block, and a
+    legacy consistency `model` section rewritten to the class its `mode` named (the keys the other mode used are
+    dropped), so checkpoints of earlier versions load and resume."""
+    if cfg.get("model") is None or cfg.model.get("_target_") is None:
+        return cfg
+    cfg = sampling_block(cfg)
+    if cfg.model.get("_target_") != LEGACY_CONSISTENCY:
         return cfg
     cfg = copy.deepcopy(cfg)
     target = CONSISTENCY_BY_MODE[cfg.model.get("mode", "distill")]
-    accepted = {"_target_", "_partial_"}
-    for cls in get_class(target).__mro__:  # the class's own settings and those it passes on to its base
-        if "__init__" in vars(cls):
-            accepted |= set(inspect.signature(cls.__init__).parameters)
+    accepted = constructor_settings(get_class(target))
     with open_dict(cfg):
         cfg.model._target_ = target
         for key in [k for k in cfg.model if k not in accepted]:
@@ -125,14 +166,8 @@ def _data_name(config) -> str:
 
 # model.* settings a resumed run may change: how it optimizes and how it samples. Every other model setting (the
 # schedule, the number of levels, the parametrization, sigma ranges, the loss) is part of what the weights mean.
-RESUME_SAFE_PREFIXES = ("optimizer", "scheduler")
-RESUME_SAFE_KEYS = frozenset({
-    "sampler", "sample_steps", "clip_denoised", "eta", "ddim_spacing", "variance", "eps_scale", "eps_scale_schedule",
-    "eps_scale_slope", "time_shift_window", "time_shift_cutoff", "time_shift_data_var", "init_noise_scale",
-    "s_churn", "s_tmin", "s_tmax", "s_noise", "min_ratio", "lower_order_final", "rtol", "atol", "snr",
-    "n_corrector_steps", "n_steps_each", "step_lr", "n_steps", "step_size", "predictor", "corrector", "ode_solver",
-    "denoise", "sample_eps", "total_steps",
-})
+RESUME_SAFE_PREFIXES = ("optimizer", "scheduler", "sampling")
+RESUME_SAFE_KEYS = frozenset({"clip_denoised", "predictor", "corrector", "ode_solver", "denoise", "sample_eps", "total_steps"})
 
 
 def flat_settings(section, prefix: str = "") -> dict:
@@ -149,8 +184,8 @@ def flat_settings(section, prefix: str = "") -> dict:
 def check_model_settings(saved: DictConfig, cfg: DictConfig, path: str | Path) -> None:
     """Refuse a resume whose model.* settings change what the saved weights mean (model.schedule, num_timesteps,
     prediction, ...); optimizer, scheduler and sampling settings may change."""
-    then = flat_settings(OmegaConf.to_container(saved.model, resolve=True))
-    now = flat_settings(OmegaConf.to_container(cfg.model, resolve=True))
+    then = flat_settings(OmegaConf.to_container(current_config(saved).model, resolve=True))
+    now = flat_settings(OmegaConf.to_container(current_config(cfg).model, resolve=True))
     # Keys on one side only are settings of another version of the code (renamed or added since): the class's
     # default applies to them, as it did when the checkpoint loads for sampling.
     for key in sorted(set(then) & set(now)):

@@ -116,6 +116,8 @@ class ConsistencyModel(DiffusionModule):
 
     provides = samplers.CONSISTENCY
     quick_sampling = {"sampler": "cm", "steps": 1}
+    # init_noise_scale < 1: the first draw from init_noise_scale * sigma_max * z (Consistency Policy's reduced variance)
+    default_sampling = {"sampler": "cm", "steps": 1, "options": {"init_noise_scale": 1.0}}
     default_mu: float = 0.0
     default_loss: str = "pseudo_huber"
 
@@ -134,13 +136,11 @@ class ConsistencyModel(DiffusionModule):
         mu: float | None = None,
         loss: str | None = None,
         huber_c: float = HUBER_C,
-        sampler: str = "cm",
-        sample_steps: int = 1,
         cm_sigmas=None,
         dsm_weight: float = 0.0,
-        init_noise_scale: float = 1.0,
+        sampling: dict | None = None,
     ):
-        super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised)
+        super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised, sampling)
         loss = loss or self.default_loss
         mu = self.default_mu if mu is None else mu
         if loss == "lpips":
@@ -154,19 +154,18 @@ class ConsistencyModel(DiffusionModule):
             raise ValueError(f"need 0 < model.sigma_min < model.sigma_max, got {sigma_min}, {sigma_max}")
         if not 0.0 <= mu < 1.0:
             raise ConfigError(f"model.mu (the target network's EMA decay) must be in [0, 1), got {mu}")
-        if sigma_data <= 0 or sample_steps < 1:
-            raise ConfigError(f"model.sigma_data and model.sample_steps must be positive, got {sigma_data}, {sample_steps}")
+        if sigma_data <= 0:
+            raise ConfigError(f"model.sigma_data must be positive, got {sigma_data}")
+        init_noise_scale = self.sampling_options["init_noise_scale"]
         if dsm_weight < 0 or not 0 < init_noise_scale <= 1:
-            raise ConfigError(f"need model.dsm_weight >= 0 and 0 < model.init_noise_scale <= 1, got {dsm_weight}, {init_noise_scale}")
+            raise ConfigError(f"need model.dsm_weight >= 0 and 0 < model.sampling.options.init_noise_scale <= 1, got "
+                              f"{dsm_weight}, {init_noise_scale}")
         self.sigma_data = float(sigma_data)
         self.rho = float(rho)
         self.mu = float(mu)
         self.dsm_weight = float(dsm_weight)
-        self.init_noise_scale = float(init_noise_scale)
         self.loss_name = loss
         self.huber_c = float(huber_c)
-        self.sampler = sampler
-        self._sample_steps = int(sample_steps)
         self.cm_sigmas = None if cm_sigmas is None else [float(s) for s in cm_sigmas]
         # The range actually trained on is stored in the checkpoint: a teacher can narrow it at fit time,
         # and load_module rebuilds the module from the config, which still has the values asked for.
@@ -354,7 +353,7 @@ class ConsistencyModel(DiffusionModule):
     def first_draw_std(self, sigma: float, options: dict) -> float:
         """sigma_max shrunk by init_noise_scale (model.init_noise_scale, or the call's): Consistency Policy's
         reduced initial sample variance, which lands the draw nearer the data's typical set."""
-        scale = float(options.get("init_noise_scale", self.init_noise_scale))
+        scale = float(options.get("init_noise_scale", self.sampling_options["init_noise_scale"]))
         if not 0 < scale <= 1:
             raise ConfigError(f"init_noise_scale must be in (0, 1], got {scale}")
         return scale * sigma
@@ -362,6 +361,10 @@ class ConsistencyModel(DiffusionModule):
     @property
     def sample_steps(self) -> int:
         return len(self.cm_sigmas) if self.cm_sigmas else self._sample_steps
+
+    @sample_steps.setter
+    def sample_steps(self, steps: int) -> None:  # the sampling block's steps (model.cm_sigmas, when set, wins)
+        self._sample_steps = int(steps)
 
     @property
     def sigma_range(self) -> tuple[float, float]:
@@ -377,7 +380,7 @@ class ConsistencyModel(DiffusionModule):
     method_options = {"cm": ("init_noise_scale",)}
 
     def sampling_defaults(self, sampler: str) -> dict:
-        return {"sigma_min": self.sigma_min, "init_noise_scale": self.init_noise_scale}
+        return {"sigma_min": self.sigma_min, **super().sampling_defaults(sampler)}
 
 
 def _rename_old_buffer(state_dict, prefix, *args) -> None:

@@ -48,7 +48,7 @@ class ConsistencyDistillation(ConsistencyModel):
         weighting: str = "uniform",
         p_mean: float = -1.1,
         p_std: float = 2.0,
-        **shared,  # ConsistencyModel's: sigma_data, sigma_min, sigma_max, rho, mu, loss, huber_c, sampler, sample_steps, cm_sigmas
+        **shared,  # ConsistencyModel's: sigma_data, sigma_min, sigma_max, rho, mu, loss, huber_c, cm_sigmas, sampling
     ):
         super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised, **shared)
         if num_scales < 2:

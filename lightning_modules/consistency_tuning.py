@@ -53,7 +53,7 @@ class ConsistencyTuning(ConsistencyTraining):
         p_mean: float = -1.1,
         p_std: float = 2.0,
         total_steps: int | None = None,
-        **shared,  # ConsistencyModel's: sigma_data, sigma_min, sigma_max, rho, mu, loss, huber_c, sampler, sample_steps, cm_sigmas, ...
+        **shared,  # ConsistencyModel's: sigma_data, sigma_min, sigma_max, rho, mu, loss, huber_c, cm_sigmas, sampling, ...
     ):
         super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised, p_mean=p_mean, p_std=p_std,
                          total_steps=total_steps, **shared)

@@ -29,6 +29,9 @@ class DDPM(DiffusionModule):
 
     fixed_grid = ("ancestral",)  # all model.num_timesteps levels
     quick_sampling = {"sampler": "ddim", "steps": 2}
+    default_sampling = {"sampler": "ddim", "steps": 50, "options": {
+        "eta": 0.0, "variance": "beta", "ddim_spacing": "uniform", "eps_scale": 1.0, "eps_scale_schedule": "constant",
+        "eps_scale_slope": 0.0, "time_shift_window": 0, "time_shift_cutoff": 0, "time_shift_data_var": None}}
 
     def __init__(
         self,
@@ -43,51 +46,37 @@ class DDPM(DiffusionModule):
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         prediction: str = "eps",
-        variance: str = "beta",
-        sampler: str = "ddim",
-        sample_steps: int = 50,
-        eta: float = 0.0,
         input_perturbation: float = 0.0,
-        eps_scale: float = 1.0,
-        eps_scale_schedule: str = "constant",
-        eps_scale_slope: float = 0.0,
-        time_shift_window: int = 0,
-        time_shift_cutoff: int = 0,
-        time_shift_data_var: float | None = None,
-        ddim_spacing: str = "uniform",
+        sampling: dict | None = None,
     ):
-        super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised)
+        super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised, sampling)
         if prediction not in PREDICTIONS:
             raise ConfigError(f"model.prediction must be one of {PREDICTIONS}, got {prediction!r}")
-        if not 1 <= sample_steps <= num_timesteps:
-            raise ConfigError(f"model.sample_steps={sample_steps} must be in [1, model.num_timesteps={num_timesteps}]")
+        if not 1 <= self.sample_steps <= num_timesteps:
+            raise ConfigError(f"model.sampling.steps={self.sample_steps} must be in [1, model.num_timesteps={num_timesteps}]")
         self.schedule = DiscreteSchedule(make_betas(schedule, num_timesteps, beta_start, beta_end))
         self.schedule_name = schedule
         self.prediction = prediction
-        self.variance = variance
-        self.sampler = sampler
-        self.sample_steps = sample_steps
-        self.eta = eta
         if input_perturbation < 0:
             raise ConfigError(f"model.input_perturbation must be >= 0, got {input_perturbation}")
-        if eps_scale_schedule not in EPS_SCALE_SCHEDULES:
-            raise ConfigError(f"model.eps_scale_schedule must be one of {EPS_SCALE_SCHEDULES}, got {eps_scale_schedule!r}")
-        if min(eps_scale, eps_scale + eps_scale_slope * (num_timesteps - 1) * (eps_scale_schedule == "linear")) <= 0:
-            raise ConfigError("model.eps_scale (and eps_scale + eps_scale_slope * t over all t) must stay > 0: it divides eps")
-        if time_shift_window < 0 or time_shift_cutoff < 0:
-            raise ConfigError("model.time_shift_window and model.time_shift_cutoff must be >= 0")
         self.input_perturbation = float(input_perturbation)
-        self.eps_scale = float(eps_scale)
-        self.eps_scale_schedule = eps_scale_schedule
-        self.eps_scale_slope = float(eps_scale_slope)
-        self.time_shift_window = int(time_shift_window)
-        self.time_shift_cutoff = int(time_shift_cutoff)
-        self.time_shift_data_var = time_shift_data_var
-        if ddim_spacing not in DDIM_SPACINGS:
-            raise ConfigError(f"model.ddim_spacing must be one of {DDIM_SPACINGS}, got {ddim_spacing!r}")
-        self.check_spacing(ddim_spacing, "model.ddim_spacing")
-        self.ddim_spacing = ddim_spacing
+        self.check_exposure_options(self.sampling_options, "model.sampling.options.")
         self.check_default_sampler()
+
+    def check_exposure_options(self, opts: dict, where: str) -> None:
+        """Epsilon Scaling's lambda_t must stay > 0 (it divides eps); time shifting's window and cutoff are >= 0."""
+        schedule, slope = opts.get("eps_scale_schedule", "constant"), float(opts.get("eps_scale_slope") or 0.0)
+        if schedule not in EPS_SCALE_SCHEDULES:
+            raise ConfigError(f"{where}eps_scale_schedule must be one of {EPS_SCALE_SCHEDULES}, got {schedule!r}")
+        scale = opts.get("eps_scale")
+        if scale is not None and min(scale, scale + slope * (self.num_timesteps - 1) * (schedule == "linear")) <= 0:
+            raise ConfigError(f"{where}eps_scale (and eps_scale + eps_scale_slope * t over all t) must stay > 0: it divides eps")
+        if int(opts.get("time_shift_window") or 0) < 0 or int(opts.get("time_shift_cutoff") or 0) < 0:
+            raise ConfigError(f"{where}time_shift_window and {where}time_shift_cutoff must be >= 0")
+        spacing = opts.get("ddim_spacing", "uniform")
+        if spacing not in DDIM_SPACINGS:
+            raise ConfigError(f"{where}ddim_spacing must be one of {DDIM_SPACINGS}, got {spacing!r}")
+        self.check_spacing(spacing, f"{where}ddim_spacing")
 
     @property
     def num_timesteps(self) -> int:
@@ -196,7 +185,7 @@ class DDPM(DiffusionModule):
             return list(range(self.num_timesteps - 1, -1, -1))
         if not 1 <= steps <= self.num_timesteps:
             raise ConfigError(f"steps must be in [1, {self.num_timesteps}] (model.num_timesteps), got {steps}")
-        spacing = ddim_spacing or self.ddim_spacing
+        spacing = ddim_spacing or self.sampling_options.get("ddim_spacing", "uniform")
         if spacing not in DDIM_SPACINGS:
             raise ConfigError(f"ddim_spacing must be one of {DDIM_SPACINGS}, got {spacing!r}")
         self.check_spacing(spacing, "ddim_spacing")
@@ -209,28 +198,28 @@ class DDPM(DiffusionModule):
     # --- sampling options ------------------------------------------------------------------------
     @property
     def method_options(self) -> dict[str, tuple[str, ...]]:
-        opts = {name: ("ddim_spacing",) for name in self.samplers() if name not in self.fixed_grid}
-        opts["ancestral"] = ()
+        scaling = ("eps_scale_schedule", "eps_scale_slope")  # Epsilon Scaling's lambda_t, with eps_scale
+        opts = {name: ("ddim_spacing", *scaling) for name in self.samplers() if name not in self.fixed_grid}
+        opts["ancestral"] = scaling
         for name in ("ddim", "ancestral"):  # the samplers with a reread hook
-            opts[name] = (*opts[name], "time_shift_window")
+            opts[name] = (*opts[name], "time_shift_window", "time_shift_cutoff", "time_shift_data_var")
         return opts
 
-    def sampling_defaults(self, sampler: str) -> dict:
-        return {"eta": self.eta, "variance": self.variance, "eps_scale": self.eps_scale,
-                "ddim_spacing": self.ddim_spacing, "time_shift_window": self.time_shift_window}
-
-    def eps_lambda(self, eps_scale: float):
+    def eps_lambda(self, eps_scale: float, options: dict | None = None):
         """Epsilon Scaling's lambda: a constant, or eps_scale + slope * t of the (fractional) step index."""
-        if self.eps_scale_schedule == "constant" or self.eps_scale_slope == 0.0:
+        options = self.sampling_options if options is None else options
+        slope = float(options.get("eps_scale_slope") or 0.0)
+        if options.get("eps_scale_schedule", "constant") == "constant" or slope == 0.0:
             return float(eps_scale)
-        return lambda sigma: eps_scale + self.eps_scale_slope * self.level_of(sigma).to(sigma.dtype)
+        return lambda sigma: eps_scale + slope * self.level_of(sigma).to(sigma.dtype)
 
     def sampling_denoiser(self, cond, sampler: str, options: dict):
         denoiser = super().sampling_denoiser(cond, sampler, options)
         window = int(options.get("time_shift_window") or 0)
         if window and sampler in ("ddim", "ancestral"):
             levels = self.grid_levels(sampler, int(options["_steps"]), options.get("ddim_spacing")) + [-1]
-            shift = TimeShift(self.schedule, levels, window, self.time_shift_cutoff, self.time_shift_data_var)
+            shift = TimeShift(self.schedule, levels, window, int(options.get("time_shift_cutoff") or 0),
+                              options.get("time_shift_data_var"))
             options["reread"] = shift.reread
             denoiser = shift.wrap(denoiser)
         return denoiser

@@ -14,9 +14,8 @@ from lightning_modules.base import DiffusionModule
 
 
 class DirectModule(DiffusionModule):
-    sampler = "direct"
     provides = "direct"  # no denoiser: every registry sampler is refused
-    sample_steps = 1
+    default_sampling = {"sampler": "direct", "steps": 1, "options": {}}
     what = "maps observations to actions"
 
     def __init__(self, *args, **kwargs):

@@ -63,6 +63,7 @@ class EDM(DiffusionModule):
     """EDM training (log-normal sigma, lambda = 1 / c_out^2) and Heun / Euler sampling of the ODE."""
 
     quick_sampling = {"sampler": "euler", "steps": 2}
+    default_sampling = {"sampler": "heun", "steps": 18, "options": {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}}
 
     def __init__(
         self,
@@ -78,14 +79,9 @@ class EDM(DiffusionModule):
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
         rho: float = 7.0,
-        sampler: str = "heun",
-        sample_steps: int = 18,
-        s_churn: float = 0.0,
-        s_tmin: float = 0.0,
-        s_tmax: float = math.inf,
-        s_noise: float = 1.0,
+        sampling: dict | None = None,
     ):
-        super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised)
+        super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised, sampling)
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < model.sigma_min < model.sigma_max, got {sigma_min}, {sigma_max}")
         if sigma_data <= 0 or p_std <= 0:
@@ -96,12 +92,6 @@ class EDM(DiffusionModule):
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
         self.rho = float(rho)
-        self.sampler = sampler
-        self.sample_steps = int(sample_steps)
-        self.s_churn = float(s_churn)
-        self.s_tmin = float(s_tmin)
-        self.s_tmax = float(s_tmax)
-        self.s_noise = float(s_noise)
         self.check_default_sampler()
 
     def make_precond(self, net: nn.Module) -> EDMPrecond:
@@ -144,6 +134,3 @@ class EDM(DiffusionModule):
     def grid(self, sampler: str, steps: int, options: dict | None = None) -> torch.Tensor:
         """Eq. 5's schedule (float64, on the CPU: the samplers read it as Python floats) and a last step to 0."""
         return grids.append_zero(grids.karras(steps, self.sigma_min, self.sigma_max, self.rho))
-
-    def sampling_defaults(self, sampler: str) -> dict:
-        return {"s_churn": self.s_churn, "s_tmin": self.s_tmin, "s_tmax": self.s_tmax, "s_noise": self.s_noise}

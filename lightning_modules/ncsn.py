@@ -53,6 +53,10 @@ def sigma_max_from_data(x: torch.Tensor, max_points: int = 4096) -> float:
 class NCSN(DiffusionModule):
     single_level_langevin = True
     quick_sampling = {"sampler": "annealed_langevin", "steps": 1}
+    # steps: Langevin steps per level (annealed_langevin, its n_steps_each) or in all (langevin: n_steps); the grid's
+    # steps for the denoiser samplers. step_lr: eps of alpha_i = eps sigma_i^2 / sigma_L^2; step_size: plain Langevin's.
+    default_sampling = {"sampler": "annealed_langevin", "steps": 100, "options": {"step_lr": 2e-5, "step_size": 5e-5}}
+    legacy_sampling = {**DiffusionModule.legacy_sampling, "n_steps_each": "steps", "langevin_step_size": "step_size"}  # flat model.* keys of old configs
 
     def __init__(
         self,
@@ -68,13 +72,10 @@ class NCSN(DiffusionModule):
         objective: str = "dsm",
         parametrization: str = "v2",
         ssm_projections: int = 1,
-        sampler: str = "annealed_langevin",
-        n_steps_each: int = 100,
-        step_lr: float = 2e-5,
         denoise: bool = True,
-        langevin_step_size: float = 5e-5,
+        sampling: dict | None = None,
     ):
-        super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised)
+        super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised, sampling)
         if objective not in OBJECTIVES:
             raise ConfigError(f"model.objective must be one of {OBJECTIVES}, got {objective!r}")
         if parametrization not in PARAMETRIZATIONS:
@@ -85,16 +86,8 @@ class NCSN(DiffusionModule):
         self.objective = objective
         self.parametrization = parametrization
         self.ssm_projections = ssm_projections
-        self.sampler = sampler
-        self.n_steps_each = n_steps_each
-        self.step_lr = step_lr
         self.final_denoise = denoise  # the config's `denoise`: NCSNv2's last Tweedie step
-        self.langevin_step_size = langevin_step_size
         self.check_default_sampler()
-
-    @property
-    def sample_steps(self) -> int:
-        return self.n_steps_each
 
     def score(self, x: torch.Tensor, idx: torch.Tensor, cond=None) -> torch.Tensor:
         """s(x, sigma_idx) for a (B,) long tensor of level indices (0 = largest sigma)."""
@@ -159,8 +152,10 @@ class NCSN(DiffusionModule):
         return super().grid(sampler, steps, options)
 
     def sampling_defaults(self, sampler: str) -> dict:
-        return {"n_steps_each": self.n_steps_each, "step_lr": self.step_lr,
-                "n_steps": self.num_scales * self.n_steps_each, "step_size": self.langevin_step_size}
+        """Langevin's step counts from the block's steps (per level), unless the block's options set them."""
+        each = int(self.sampling_options.get("n_steps_each", self.sample_steps))
+        counts = {"n_steps_each": each, "n_steps": self.num_scales * each}
+        return {**{k: v for k, v in counts.items() if k in self.allowed_options(sampler)}, **super().sampling_defaults(sampler)}
 
     def _plan(self, sampler, steps, options):
         """`steps` keeps its NCSN meaning for Langevin: steps per level (annealed_langevin) or in all (langevin)."""

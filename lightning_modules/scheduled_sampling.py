@@ -13,8 +13,8 @@ Per batch row:
   target: eps~ = (x~_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) (x0 for x0-prediction, the matching v for v).
 Rows with m = 0 are plain DDPM rows (target eps). Roll-back variants (`ss_rollback`):
   renoise:      x0_hat from x_{t+1}, re-noised with fresh noise: q_sample(x0_hat, t, z) (the published code's variant);
-  ancestral:    the model's own p(x_t | x_{t+1}), with the module's `variance` (beta or posterior);
-  sampler_step: one DDIM step with the module's eta from t+stride to t, stride = ss_stride (default
+  ancestral:    the model's own p(x_t | x_{t+1}), with the sampling block's `variance` (beta or posterior);
+  sampler_step: one DDIM step with the sampling block's eta from t+stride to t, stride = ss_stride (default
                 T // sample_steps), so m counts strides. The sampler's own grid (ddim_timesteps) rounds its
                 strides, so it is the typical step, not necessarily one the sampler takes.
 Cost: 1 + E[m] forward passes per sample (E[m] = p (max_rollback + 1) / 2), one backward, logged as
@@ -100,7 +100,7 @@ class ScheduledSamplingDDPM(DDPM):
         eps = self.eps(x, level, cond)
         x0_hat, eps = self.schedule.x0_and_eps(x, level, eps, self.clip_denoised)
         lower = level - self.ss_stride
-        if self.ss_rollback == "sampler_step" and self.eta == 0:
+        if self.ss_rollback == "sampler_step" and self.sampling_options["eta"] == 0:
             z = None  # deterministic DDIM: no draw, so the random stream does not depend on a dead value
         else:
             z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
@@ -108,9 +108,9 @@ class ScheduledSamplingDDPM(DDPM):
             return self.schedule.q_sample(x0_hat, lower, z)
         if self.ss_rollback == "ancestral":
             mean, _ = self.schedule.q_posterior(x0_hat, x, level)
-            return mean + torch.exp(0.5 * extract(self.schedule.ancestral_log_variance(self.variance), level, x)) * z
+            return mean + torch.exp(0.5 * extract(self.schedule.ancestral_log_variance(self.sampling_options["variance"]), level, x)) * z
         abar = self.schedule.alphas_cumprod
-        return ddim_step(x0_hat, eps, extract(abar, level, x), extract(abar, lower, x), self.eta, z)
+        return ddim_step(x0_hat, eps, extract(abar, level, x), extract(abar, lower, x), self.sampling_options["eta"], z)
 
     @torch.no_grad()
     def rollback(self, x: torch.Tensor, level: torch.Tensor, m: torch.Tensor, cond=None, generator=None) -> torch.Tensor:

@@ -38,6 +38,8 @@ CORRECTORS = ("langevin", "none")
 class ScoreSDE(DiffusionModule):
     fixed_grid = ("ode_adaptive",)
     quick_sampling = {"sampler": "ode", "steps": 2}
+    # rtol / atol: ode_adaptive's, and the likelihood's (bits_per_dim)
+    default_sampling = {"sampler": "pc", "steps": 1000, "options": {"snr": 0.16, "n_corrector_steps": 1, "rtol": 1e-5, "atol": 1e-5}}
 
     def __init__(
         self,
@@ -55,18 +57,13 @@ class ScoreSDE(DiffusionModule):
         eps: float = 1e-5,
         sample_eps: float = 1e-3,
         likelihood_weighting: bool = False,
-        sampler: str = "pc",
-        sample_steps: int = 1000,
         predictor: str = "reverse_diffusion",
         corrector: str = "langevin",
-        snr: float = 0.16,
-        n_corrector_steps: int = 1,
         ode_solver: str = "heun",
         denoise: bool = True,
-        rtol: float = 1e-5,
-        atol: float = 1e-5,
+        sampling: dict | None = None,
     ):
-        super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised)
+        super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised, sampling)
         if predictor not in PREDICTORS:
             raise ConfigError(f"model.predictor must be one of {PREDICTORS}, got {predictor!r}")
         if corrector not in CORRECTORS:
@@ -80,16 +77,10 @@ class ScoreSDE(DiffusionModule):
         self.t_min = eps  # the config's `eps`: the smallest training time
         self.sample_eps = sample_eps
         self.likelihood_weighting = likelihood_weighting
-        self.sampler = sampler
-        self.sample_steps = sample_steps
         self.predictor = predictor
         self.corrector = corrector
-        self.snr = snr
-        self.n_corrector_steps = n_corrector_steps
         self.ode_solver = ode_solver
         self.final_denoise = denoise  # the config's `denoise`: a last Tweedie step from sample_eps to 0
-        self.rtol = rtol
-        self.atol = atol
         self.check_default_sampler()
 
     def noise_level(self, t: torch.Tensor) -> torch.Tensor:
@@ -133,19 +124,10 @@ class ScoreSDE(DiffusionModule):
         out = self.net(x * bcast(mean_scale, x), self.noise_level(t.to(x.dtype)), cond).to(x.dtype)
         return x - bcast(sigma, x) * out
 
-    def _mean_scale(self, sigma: float) -> float:
-        t = self.sde.t_of_ve_sigma(torch.tensor(sigma, dtype=torch.float64))
-        return float(self.sde.marginal(t)[0])
-
-    def prior_std(self, sigma: float) -> float:
-        return self.sde.prior_std() / self._mean_scale(sigma)
-
-    def to_ve(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        return x / self._mean_scale(sigma)
-
-    def likelihood_bounds(self) -> tuple[float, float, float, float]:
-        lo, hi = self.sigma_range
-        return lo, hi, self.prior_std(hi), self._mean_scale(lo)
+    @property
+    def path(self):
+        """The SDE is the noise path: the base's to_ve, prior_std and likelihood_bounds read it."""
+        return self.sde
 
     def resolve_sampler(self, sampler: str | None) -> str:
         sampler = sampler or self.sampler
@@ -158,5 +140,7 @@ class ScoreSDE(DiffusionModule):
         return grids.append_zero(sigmas) if self.final_denoise else sigmas
 
     def sampling_defaults(self, sampler: str) -> dict:
-        corrector = self.n_corrector_steps if self.corrector == "langevin" else 0
-        return {"snr": self.snr, "n_corrector_steps": corrector, "rtol": self.rtol, "atol": self.atol}
+        defaults = super().sampling_defaults(sampler)
+        if self.corrector == "none" and "n_corrector_steps" in defaults:
+            defaults["n_corrector_steps"] = 0
+        return defaults

@@ -15,19 +15,15 @@ import math
 
 import torch
 from difflab.errors import ConfigError
+from lightning_modules.paths import AffinePath, bcast
 
 SDE_NAMES = ("ve", "vp", "subvp")
+__all__ = ["SDE", "VESDE", "VPSDE", "SubVPSDE", "make_sde", "bcast"]
 
 
-def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, ..., 1) in x's dtype, to scale a batch of x."""
-    return v.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-
-
-class SDE:
-    """dx = f(x, t) dt + g(t) dw. Subclasses give f, g, the marginal and the prior; the rest is derived."""
-
-    T = 1.0
+class SDE(AffinePath):
+    """dx = f(x, t) dt + g(t) dw. Subclasses give f, g, the marginal and the prior; the rest is derived. An SDE is a
+    noise path (its marginal is alpha = mean_scale, sigma = std), so the VE conversions come from AffinePath."""
 
     # --- what an SDE provides -----------------------------------------------------------------
     def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -42,14 +38,6 @@ class SDE:
         """(mean_scale, std), each (B,): q(x_t | x_0) = N(mean_scale x_0, std^2 I)."""
         raise NotImplementedError
 
-    def prior_std(self) -> float:
-        return 1.0
-
-    def ve_sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """The VE-form noise level std(t) / mean_scale(t): x_t / mean_scale = x0 + ve_sigma n."""
-        mean_scale, std = self.marginal(t)
-        return std / mean_scale
-
     def t_of_ve_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         """The time with that VE-form noise level (the inverse of ve_sigma)."""
         raise NotImplementedError
@@ -57,10 +45,6 @@ class SDE:
     # --- derived ----------------------------------------------------------------------------
     def drift_diffusion(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.drift(x, t), self.diffusion(t)
-
-    def perturb(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        mean_scale, std = self.marginal(t)
-        return bcast(mean_scale, x0) * x0 + bcast(std, x0) * noise
 
     def prior_sample(self, shape, generator: torch.Generator | None = None, device=None, dtype=torch.float32) -> torch.Tensor:
         device = device if device is not None else (generator.device if generator is not None else "cpu")

@@ -357,7 +357,7 @@ class MixtureData(ArrayDataModule):
 
 mixture_data = MixtureData(train_points)
 _, ncsn = build("model=ncsn", "data=toy2d", f"model.sigma_max={sigma_max:.4f}", f"model.num_scales={NUM_SCALES}",
-                f"model.n_steps_each={STEPS_EACH}", f"model.langevin_step_size={ALPHA}", "net.hidden=128", "net.depth=3", seed=0)
+                f"model.sampling.steps={STEPS_EACH}", f"model.sampling.options.step_size={ALPHA}", "net.hidden=128", "net.depth=3", seed=0)
 NCSN_STEPS = steps(3000, 200)
 seconds = fit(ncsn, mixture_data, NCSN_STEPS)
 print(f"NCSN: {NCSN_STEPS} steps in {seconds:.0f} s; sigma {ncsn.sigmas[0]:.2f} .. {ncsn.sigmas[-1]:.3f}, objective {ncsn.objective}")

@@ -155,7 +155,7 @@ assert loss_after < (0.2 if not SMALL else loss_before)
 # ## Reverse process: what a sampler walks through
 # Sampling runs the chain backwards from x_T ~ N(0, I). Ancestral sampling (Ho et al. 2020, Algorithm 2)
 # takes all 1000 steps. Each step moves to the mean of p_theta(x_{t-1} | x_t) and adds noise of variance
-# beta_t (`model.variance=beta`). DDIM (Song et al. 2021) uses the same trained net but jumps between a few
+# beta_t (`model.sampling.options.variance=beta`). DDIM (Song et al. 2021) uses the same trained net but jumps between a few
 # levels deterministically (eta = 0). The `callback` of `module.sample` shows every state a DDIM-10 run visits.
 
 # %%

@@ -63,7 +63,7 @@ SEED = 0
 # %%
 datamodule, plain = build(*TOY, "model=ddpm", seed=SEED)
 cfg = plain.run_config["model"]
-print(f"DDPM, T = {plain.num_timesteps}, {cfg['schedule']} schedule, ancestral variance = {cfg['variance']}, "
+print(f"DDPM, T = {plain.num_timesteps}, {cfg['schedule']} schedule, ancestral variance = {cfg['sampling']['options']['variance']}, "
       f"lr {cfg['optimizer']['lr']}, batch {datamodule.batch_size}, "
       f"{sum(p.numel() for p in plain.net.parameters()) / 1e3:.0f}k parameters")
 train_seconds = {"plain DDPM": fit(plain, datamodule, TRAIN_STEPS)}
@@ -193,7 +193,7 @@ for name in SAMPLERS:
 # eps implied by the *true* x0. The roll-back step is a config option:
 # - `renoise` (the published code's variant): predict x0_hat, then re-noise it to level t with fresh noise;
 # - `ancestral`: the model's own p(x_t | x_{t+1});
-# - `sampler_step`: one DDIM step of stride `ss_stride`. With `model.sample_steps=10` the stride is
+# - `sampler_step`: one DDIM step of stride `ss_stride`. With `model.sampling.steps=10` the stride is
 #   T // 10 = 100, so the net rolls in exactly the way DDIM-10 moves at sampling time.
 #
 # We train `renoise` and `sampler_step` with the plain model's data, seed and step count. The extra cost
@@ -202,7 +202,7 @@ for name in SAMPLERS:
 # %%
 VARIANTS = {
     "SS renoise": ["model=scheduled_sampling", "model.ss_rollback=renoise"],
-    "SS sampler_step (stride 100)": ["model=scheduled_sampling", "model.ss_rollback=sampler_step", "model.sample_steps=10"],
+    "SS sampler_step (stride 100)": ["model=scheduled_sampling", "model.ss_rollback=sampler_step", "model.sampling.steps=10"],
 }
 models = {"plain DDPM": plain}
 for name, overrides in VARIANTS.items():

@@ -11,6 +11,11 @@ and the null pass go through the net as one batch of 2B, and count as two evalua
 by `Counted`). `interval=(lo, hi)` guides only while lo <= sigma <= hi (Kynkaenniemi et al. 2024: guidance at
 the highest levels costs diversity, at the lowest it does little) and is the conditional denoiser elsewhere.
 
+`rescale=phi` (CFG-rescale, Lin et al. 2024, Algorithm 2) pulls each guided x0 estimate's std (over a sample's
+elements) back toward the conditional estimate's: D_w * (phi std(D_c) / std(D_w) + 1 - phi). It counters the
+over-saturation of large w; 0 (the default) is plain guidance. It acts on the x0 estimate, as the paper's
+algorithm does (diffusers applies the same formula to eps, which is not the same map).
+
 Note what the guided ODE samples: for w != 1 not the tilted law p(x|c)^w p(x)^(1-w) (whose score the guided
 score is only at sigma = 0), but the end of the guided flow, which tests/test_guidance.py computes exactly for a
 Gaussian class inside a Gaussian marginal.
@@ -28,8 +33,9 @@ CondDenoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
 
 class Guided:
     def __init__(self, denoise: CondDenoiser, cond: torch.Tensor | None, null: torch.Tensor | None, scale: float,
-                 interval: tuple[float, float] | None = None, guide: CondDenoiser | None = None):
+                 interval: tuple[float, float] | None = None, guide: CondDenoiser | None = None, rescale: float = 0.0):
         self.denoise, self.cond, self.null, self.scale, self.guide = denoise, cond, null, float(scale), guide
+        self.rescale = float(rescale)
         self.interval = None if interval is None else (float(interval[0]), float(interval[1]))
         self.cost = 1  # net evaluations per sample of the last call
 
@@ -50,11 +56,18 @@ class Guided:
             if self.scale == 0.0:
                 return self.guide(x, sigma, self.cond)
             conditional, weak = self.denoise(x, sigma, self.cond), self.guide(x, sigma, self.cond)
-            return weak + self.scale * (conditional - weak)
+            return self.rescaled(weak + self.scale * (conditional - weak), conditional)
         if self.scale == 0.0:
             self.cost = 1
             return self.denoise(x, sigma, self.null)
         self.cost = 2
         both = self.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([self.cond, self.null]))
         conditional, unconditional = both.chunk(2)
-        return unconditional + self.scale * (conditional - unconditional)
+        return self.rescaled(unconditional + self.scale * (conditional - unconditional), conditional)
+
+    def rescaled(self, guided: torch.Tensor, conditional: torch.Tensor) -> torch.Tensor:
+        if self.rescale == 0.0:
+            return guided
+        dims = tuple(range(1, guided.dim()))
+        factor = conditional.std(dims, keepdim=True) / guided.std(dims, keepdim=True)
+        return guided * (self.rescale * factor + (1.0 - self.rescale))

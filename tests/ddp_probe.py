@@ -87,7 +87,7 @@ def main(out: Path, ckpt: str | None):
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(0)
     data = Toy2DDataModule("moons", num_train=512, num_val=64, batch_size=16)
-    model = DDPM(MLP((2,), hidden=32, depth=2, emb_dim=16), partial(torch.optim.Adam, lr=1e-3), data_shape=(2,), num_timesteps=50, sample_steps=3)
+    model = DDPM(MLP((2,), hidden=32, depth=2, emb_dim=16), partial(torch.optim.Adam, lr=1e-3), data_shape=(2,), num_timesteps=50, sampling={"steps": 3})
     model.run_config = {"note": "ddp probe"}
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=8 if ckpt is None else 10, default_root_dir=out,

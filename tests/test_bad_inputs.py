@@ -22,7 +22,7 @@ QUIET = ["callbacks.quality=null", "callbacks.sample_logger=null", "callbacks.ex
          "callbacks.progress_bar.refresh_rate=0"]
 TOY_DATA = ["data=toy2d", "data.num_train=512", "data.num_val=64", "data.batch_size=64", "net.hidden=32", "net.depth=2",
             "net.emb_dim=16", "final_eval.num_samples=16"]
-TOY = [*TOY_DATA, "model.num_timesteps=20", "model.sample_steps=5"]
+TOY = [*TOY_DATA, "model.num_timesteps=20", "model.sampling.steps=5"]
 
 
 def train_run(run_dir: Path, *overrides: str) -> Path:
@@ -37,12 +37,12 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("user_files")
     files = {"root": root}
     files["toy"] = train_run(root / "toy_run", *TOY)
-    files["ncsn"] = train_run(root / "ncsn_run", *TOY_DATA, "model=ncsn", "model.num_scales=5", "model.n_steps_each=2")
+    files["ncsn"] = train_run(root / "ncsn_run", *TOY_DATA, "model=ncsn", "model.num_scales=5", "model.sampling.steps=2")
     files["policy"] = train_run(root / "policy_run", "data=obstacle2d", "data.num_episodes=8", "data.batch_size=32", "callbacks.rollout=null",
-                                "model.num_timesteps=10", "model.sample_steps=2", "final_eval.num_episodes=1")
+                                "model.num_timesteps=10", "model.sampling.steps=2", "final_eval.num_episodes=1")
     files["bc_mse"] = train_run(root / "bc_run", "data=obstacle2d", "data.num_episodes=8", "data.batch_size=32", "callbacks.rollout=null",
                                 "model=bc_mse", "final_eval.num_episodes=1")
-    labelled = ["data.labels=true", "net.ch=8", "net.num_res_blocks=1", "model.num_timesteps=20", "model.sample_steps=4",
+    labelled = ["data.labels=true", "net.ch=8", "net.num_res_blocks=1", "model.num_timesteps=20", "model.sampling.steps=4",
                 "final_eval.num_samples=16", "data.batch_size=64"]
     files["labelled"] = train_run(root / "labelled_run", *labelled)
     files["labelled_nodrop"] = train_run(root / "labelled_nodrop_run", *labelled, "model.cond_drop=0")
@@ -87,7 +87,7 @@ CASES = [
     ("seed_negative", "train.py", ["seed=-3"], 2, r"seed=-3 is not valid"),
     # --- train.py: values a method or datamodule refuses
     ("toy_name", "train.py", [*TOY, "data.name=spiral"], 2, r"unknown toy distribution 'spiral': data\.name must be one of"),
-    ("ddpm_sampler", "train.py", [*TOY, "model.sampler=heunn"], 2, r"model\.sampler: sampler='heunn' is not a sampler: use one of euler, heun"),
+    ("ddpm_sampler", "train.py", [*TOY, "model.sampling.sampler=heunn"], 2, r"model\.sampling\.sampler: sampler='heunn' is not a sampler: use one of euler, heun"),
     ("bc_mse_on_digits", "train.py", ["model=bc_mse"], 2, r"bc_mse regresses actions .* needs demonstration data"),
     ("obs_keys", "train.py", ["data=obstacle2d", "data.obs_keys=[velocity]"], 2, r"data\.obs_keys=\['velocity'\]: unknown"),
     ("batch_larger_than_data", "train.py", [*TOY, "data.num_train=16", "data.batch_size=64"], 2, r"data\.batch_size=64 is larger than the training set"),
@@ -126,7 +126,7 @@ CASES = [
     ("sample_batch_zero", "sample.py", ["ckpt_path={toy}", "batch_size=0"], 2, r"batch_size=0 is not valid"),
     ("sample_plus_model", "sample.py", ["ckpt_path={ncsn}", "+model=ddpm"], 2, r"sample\.py does not use 'model': the method and its settings come from the checkpoint"),
     ("sample_eta_2m", "sample.py", ["ckpt_path={toy}", "sampler=dpmpp_2m", "eta=0.5"], 2, r"eta= is not an option of DDPM's sampler=dpmpp_2m \(it takes: .*\); it applies to sampler=ddim: drop eta="),
-    ("sample_steps_ancestral", "sample.py", ["ckpt_path={toy}", "sampler=ancestral", "steps=10"], 2, r"steps= is not an option of DDPM's sampler=ancestral \(it takes: eps_scale, guidance, time_shift_window, variance\)"),
+    ("sample_steps_ancestral", "sample.py", ["ckpt_path={toy}", "sampler=ancestral", "steps=10"], 2, r"steps= is not an option of DDPM's sampler=ancestral \(it takes: eps_scale, eps_scale_schedule, eps_scale_slope, guidance, guidance_rescale, time_shift_cutoff, time_shift_data_var, time_shift_window, variance\)"),
     ("sample_unknown_sampler", "sample.py", ["ckpt_path={toy}", "sampler=heunn"], 2, r"sampler='heunn' is not a sampler: use one of euler, heun, .* \(for DDPM\)"),
     ("sample_undefined_sampler", "sample.py", ["ckpt_path={toy}", "sampler=cm"], 2, r"sampler=cm is not defined for DDPM: cm needs a consistency function"),
     ("sample_ncsn_spacing", "sample.py", ["ckpt_path={ncsn}", "ddim_spacing=quadratic"], 2, r"ddim_spacing= is not an option of NCSN's sampler=annealed_langevin .*; no sampler of NCSN takes it"),

@@ -120,29 +120,29 @@ PAPER = {
         "net.ch": 128, "net.ch_mult": [1, 2, 2, 2], "net.num_res_blocks": 2, "net.attn_resolutions": [16], "data.random_flip": True,
     },
     "cifar10_ncsn": {  # Song & Ermon 2019, Section 5 and Appendix B
-        "model.sigma_max": 1.0, "model.sigma_min": 0.01, "model.num_scales": 10, "model.n_steps_each": 100,
-        "model.step_lr": 2e-5, "model.denoise": False, "model.optimizer.lr": 1e-3, "data.batch_size": 128,
+        "model.sigma_max": 1.0, "model.sigma_min": 0.01, "model.num_scales": 10, "model.sampling.steps": 100,
+        "model.sampling.options.step_lr": 2e-5, "model.denoise": False, "model.optimizer.lr": 1e-3, "data.batch_size": 128,
         "trainer.max_steps": 200_000, "callbacks.ema": None,
     },
     "cifar10_ncsnv2": {  # Song & Ermon 2020, Table / Appendix: sigma_1 = 50, L = 232, T = 5, eps = 6.2e-6, EMA 0.999
-        "model.sigma_max": 50.0, "model.sigma_min": 0.01, "model.num_scales": 232, "model.n_steps_each": 5,
-        "model.step_lr": 6.2e-6, "model.denoise": True, "model.parametrization": "v2", "model.optimizer.lr": 1e-4,
+        "model.sigma_max": 50.0, "model.sigma_min": 0.01, "model.num_scales": 232, "model.sampling.steps": 5,
+        "model.sampling.options.step_lr": 6.2e-6, "model.denoise": True, "model.parametrization": "v2", "model.optimizer.lr": 1e-4,
         "data.batch_size": 128, "trainer.max_steps": 300_000, "callbacks.ema.decay": 0.999,
     },
     "cifar10_vesde": {  # Song et al. 2021 (NCSN++ cont.), Appendix H: sigma 0.01 -> 50, PC with snr 0.16, N = 1000
-        "model.sde": "ve", "model.sigma_min": 0.01, "model.sigma_max": 50.0, "model.eps": 1e-5, "model.sampler": "pc",
-        "model.sample_steps": 1000, "model.predictor": "reverse_diffusion", "model.corrector": "langevin", "model.snr": 0.16,
-        "model.n_corrector_steps": 1, "model.optimizer.lr": 2e-4, "model.scheduler.warmup_steps": 5000, "data.batch_size": 128,
+        "model.sde": "ve", "model.sigma_min": 0.01, "model.sigma_max": 50.0, "model.eps": 1e-5, "model.sampling.sampler": "pc",
+        "model.sampling.steps": 1000, "model.predictor": "reverse_diffusion", "model.corrector": "langevin", "model.sampling.options.snr": 0.16,
+        "model.sampling.options.n_corrector_steps": 1, "model.optimizer.lr": 2e-4, "model.scheduler.warmup_steps": 5000, "data.batch_size": 128,
         "trainer.max_steps": 1_300_000, "trainer.gradient_clip_val": 1.0, "callbacks.ema.decay": 0.999, "net.num_res_blocks": 4,
     },
     "cifar10_vpsde": {  # Song et al. 2021 (DDPM++ cont.): beta 0.1 -> 20, EM predictor, no corrector, EMA 0.9999
         "model.sde": "vp", "model.beta_min": 0.1, "model.beta_max": 20.0, "model.eps": 1e-5, "model.sample_eps": 1e-3,
-        "model.predictor": "euler_maruyama", "model.corrector": "none", "model.sample_steps": 1000, "model.optimizer.lr": 2e-4,
+        "model.predictor": "euler_maruyama", "model.corrector": "none", "model.sampling.steps": 1000, "model.optimizer.lr": 2e-4,
         "model.scheduler.warmup_steps": 5000, "data.batch_size": 128, "trainer.max_steps": 1_300_000,
         "trainer.gradient_clip_val": 1.0, "callbacks.ema.decay": 0.9999, "net.num_res_blocks": 4,
     },
     "cifar10_edm": {  # Karras et al. 2022, Table 1 and Appendix F (CIFAR-10, VP-sized net, 200 Mimg at batch 512)
-        "model.sigma_data": 0.5, "model.p_mean": -1.2, "model.p_std": 1.2, "model.sample_steps": 18, "model.sigma_min": 0.002,
+        "model.sigma_data": 0.5, "model.p_mean": -1.2, "model.p_std": 1.2, "model.sampling.steps": 18, "model.sigma_min": 0.002,
         "model.sigma_max": 80.0, "model.rho": 7.0, "model.optimizer.lr": 1e-3, "data.batch_size": 512, "trainer.max_steps": 390_000,
         "net.dropout": 0.13, "model.scheduler.warmup_steps": 20_000, "callbacks.ema.decay": 0.99965,
     },
@@ -168,17 +168,17 @@ PAPER = {
         "obs_encoder.crop": 84, "obs_encoder.num_kp": 32, "obs_encoder.feature_dim": 64,
     },
     "pusht_bc_mse": {"model.optimizer.lr": 1e-4, "model.optimizer.weight_decay": 1e-6, "data.horizon": 16, "data.n_obs_steps": 2},
-    "pusht_consistency": {"model._target_": "lightning_modules.consistency_distillation.ConsistencyDistillation", "model.sample_steps": 1,
-                          "model.init_noise_scale": 0.5, "data.horizon": 16, "data.n_obs_steps": 2},
+    "pusht_consistency": {"model._target_": "lightning_modules.consistency_distillation.ConsistencyDistillation", "model.sampling.steps": 1,
+                          "model.sampling.options.init_noise_scale": 0.5, "data.horizon": 16, "data.n_obs_steps": 2},
     "pusht_edm": {  # pusht_ddpm's protocol with EDM's preconditioning (the consistency policies' teacher): Heun-10 = 19 NFE
-        "model._target_": "lightning_modules.edm.EDM", "model.sampler": "heun", "model.sample_steps": 10,
+        "model._target_": "lightning_modules.edm.EDM", "model.sampling.sampler": "heun", "model.sampling.steps": 10,
         "model.optimizer._target_": "torch.optim.AdamW", "model.optimizer.lr": 1e-4, "model.optimizer.weight_decay": 1e-6,
         "model.scheduler.warmup_steps": 500, "data.horizon": 16, "data.n_obs_steps": 2, "data.n_action_steps": 8,
         "trainer.max_steps": 10000, "callbacks.ema.decay": 0.9999,
     },
     "pusht_ect": {  # ECT (Geng et al. 2024) from pusht_edm: lr 1e-4, one step, 8 stages of q = 2
-        "model._target_": "lightning_modules.consistency_tuning.ConsistencyTuning", "model.sample_steps": 1,
-        "model.optimizer.lr": 1e-4, "model.q": 2.0, "model.num_stages": 8, "model.loss": None, "model.init_noise_scale": 0.5, "data.horizon": 16,
+        "model._target_": "lightning_modules.consistency_tuning.ConsistencyTuning", "model.sampling.steps": 1,
+        "model.optimizer.lr": 1e-4, "model.q": 2.0, "model.num_stages": 8, "model.loss": None, "model.sampling.options.init_noise_scale": 0.5, "data.horizon": 16,
         "data.n_obs_steps": 2,
     },
     "pusht_ddpm_transformer": {  # DP-T, state-based: pusht_ddpm's DDPM on the transformer, AdamW 1e-4 / 0.1, betas (0.9, 0.95), warm-up 1000
@@ -203,7 +203,7 @@ PAPER = {
     },
     "pusht_flow": {  # pusht_ddpm's protocol with the flow-matching objective: same data, net, optimizer, EMA and steps
         "model._target_": "lightning_modules.flow_matching.FlowMatching", "model.time_sampling": "logit_normal",
-        "model.sampler": "euler", "model.sample_steps": 10, "model.optimizer._target_": "torch.optim.AdamW",
+        "model.sampling.sampler": "euler", "model.sampling.steps": 10, "model.optimizer._target_": "torch.optim.AdamW",
         "model.optimizer.lr": 1e-4, "model.optimizer.weight_decay": 1e-6, "data.horizon": 16, "data.n_obs_steps": 2,
         "data.n_action_steps": 8, "model.scheduler.warmup_steps": 500, "trainer.max_steps": 8000, "callbacks.ema.decay": 0.9999,
     },
@@ -247,10 +247,10 @@ def test_tuned_defaults_apply_to_their_method_and_dataset_only(tmp_path):
     for name in tuned:
         assert any(name == f"{m}_{d}" for m in models for d in datas), f"configs/tuned/{name}.yaml names no model_data pair"
     default = compose_train([], tmp_path).model
-    assert (default.sampler, default.sample_steps, default.ddim_spacing) == ("dpmpp_2m", 10, "quadratic")
+    assert (default.sampling.sampler, default.sampling.steps, default.sampling.options.ddim_spacing) == ("dpmpp_2m", 10, "quadratic")
     toy = compose_train(["data=toy2d"], tmp_path).model
-    assert (toy.sampler, toy.sample_steps, toy.ddim_spacing) == ("ddim", 50, "uniform")
-    assert compose_train(["experiment=pusht_ddpm"], tmp_path).model.sampler == "ddim"
+    assert (toy.sampling.sampler, toy.sampling.steps, toy.sampling.options.ddim_spacing) == ("ddim", 50, "uniform")
+    assert compose_train(["experiment=pusht_ddpm"], tmp_path).model.sampling.sampler == "ddim"
 
 
 @pytest.mark.slow

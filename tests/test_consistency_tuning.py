@@ -201,7 +201,7 @@ def test_dsm_weight_adds_the_weighted_distance_of_f_to_the_clean_point():
 def test_init_noise_scale_shrinks_the_first_draw(scale):
     """x_T = scale sigma_max z through the exact consistency fn of N(M, S^2), an affine map with slope
     r = sqrt(S^2 + sigma_min^2) / sqrt(S^2 + sigma_max^2): the law is N(M (1 - r), (r scale sigma_max)^2)."""
-    model = cm(ExactConsistencyNet(0.002), mu=0.0, init_noise_scale=scale)
+    model = cm(ExactConsistencyNet(0.002), mu=0.0, sampling={"options": {"init_noise_scale": scale}})
     x = model.sample(50_000, generator=torch.Generator().manual_seed(0)).double()
     r = math.sqrt(S**2 + 0.002**2) / math.sqrt(S**2 + 80.0**2)
     assert_gaussian(x, M * (1 - r), r * scale * 80.0)
@@ -224,8 +224,8 @@ def test_init_noise_scale_is_an_option_of_consistency_sampling_only():
     "make, key",
     [
         (lambda: cm(dsm_weight=-0.1), "model.dsm_weight"),
-        (lambda: cm(init_noise_scale=0.0), "model.init_noise_scale"),
-        (lambda: cm(init_noise_scale=1.5), "model.init_noise_scale"),
+        (lambda: cm(sampling={"options": {"init_noise_scale": 0.0}}), "model.sampling.options.init_noise_scale"),
+        (lambda: cm(sampling={"options": {"init_noise_scale": 1.5}}), "model.sampling.options.init_noise_scale"),
         (lambda: tuning(q=1.0), "model.q"),
         (lambda: tuning(num_stages=0), "model.num_stages"),
         (lambda: tuning(b=0.0), "model.b"),

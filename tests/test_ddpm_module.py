@@ -15,7 +15,7 @@ def make_ddpm(prediction="eps", num_timesteps=100, cond_dim=None, lr=3e-3):
     net = MLP((2,), cond_dim=cond_dim, hidden=64, depth=2, emb_dim=32)
     return DDPM(
         net, partial(torch.optim.Adam, lr=lr), data_shape=(2,), cond_dim=cond_dim,
-        num_timesteps=num_timesteps, prediction=prediction, sample_steps=10,
+        num_timesteps=num_timesteps, prediction=prediction, sampling={"steps": 10},
     )
 
 
@@ -108,8 +108,8 @@ def test_conditional_model_requires_cond_and_unconditional_refuses_it():
 def test_bad_settings_fail_with_the_option_names():
     with pytest.raises(ValueError, match="prediction"):
         DDPM(MLP((2,)), partial(torch.optim.Adam), data_shape=(2,), prediction="score")
-    with pytest.raises(ValueError, match="model.sampler: sampler='heunn' is not a sampler"):
-        DDPM(MLP((2,)), partial(torch.optim.Adam), data_shape=(2,), sampler="heunn")
+    with pytest.raises(ValueError, match="model.sampling.sampler: sampler='heunn' is not a sampler"):
+        DDPM(MLP((2,)), partial(torch.optim.Adam), data_shape=(2,), sampling={"sampler": "heunn"})
 
 
 class ExactPredictionNet(torch.nn.Module):
@@ -147,8 +147,8 @@ def test_loss_gradient_vanishes_at_the_exact_prediction(prediction):
 
 
 def test_an_eps_scale_schedule_reaching_zero_at_the_last_step_is_refused():
-    make = lambda slope: DDPM(MLP((2,)), partial(torch.optim.Adam), data_shape=(2,), num_timesteps=11, sample_steps=10, eps_scale=1.0,
-                              eps_scale_schedule="linear", eps_scale_slope=slope)
+    make = lambda slope: DDPM(MLP((2,)), partial(torch.optim.Adam), data_shape=(2,), num_timesteps=11,
+                              sampling={"steps": 10, "options": {"eps_scale": 1.0, "eps_scale_schedule": "linear", "eps_scale_slope": slope}})
     make(-0.09)  # 1 - 0.09 * 10 > 0 at t = 10
     with pytest.raises(ValueError, match="eps_scale"):
         make(-0.1)  # exactly 0 at t = num_timesteps - 1

@@ -25,7 +25,7 @@ N = 4000
 
 def exact_ddpm(mixture: GaussianMixture, schedule_name: str = "linear", num_timesteps: int = 1000, **kwargs) -> DDPM:
     """A DDPM whose net returns the mixture's exact eps at its (integer) step index."""
-    kwargs.setdefault("sample_steps", min(50, num_timesteps))
+    kwargs["sampling"] = {"steps": min(50, num_timesteps), **kwargs.get("sampling", {})}
     module = DDPM(nn.Identity(), None, data_shape=(mixture.dim,), num_timesteps=num_timesteps, schedule=schedule_name, **kwargs)
     module.net = ExactDDPMNet(module.schedule, lambda x, a, s, cond: mixture.score(x, a, s))
     return module
@@ -169,8 +169,8 @@ def test_karras_spacing_on_a_cosine_schedule_is_refused_where_it_crowds_the_top(
     cosine = DDPM(MLP((2,), hidden=8, depth=1), partial(torch.optim.Adam), data_shape=(2,), schedule="cosine")
     with pytest.raises(ConfigError, match=r"ddim_spacing=karras on this schedule \(top sigma 2\.03e\+04 > 1000"):
         cosine.sample(2, sampler="dpmpp_2m", steps=20, ddim_spacing="karras")
-    with pytest.raises(ConfigError, match=r"model\.ddim_spacing=karras on this schedule"):
-        DDPM(MLP((2,), hidden=8, depth=1), partial(torch.optim.Adam), data_shape=(2,), schedule="cosine", ddim_spacing="karras")
+    with pytest.raises(ConfigError, match=r"model\.sampling\.options\.ddim_spacing=karras on this schedule"):
+        DDPM(MLP((2,), hidden=8, depth=1), partial(torch.optim.Adam), data_shape=(2,), schedule="cosine", sampling={"options": {"ddim_spacing": "karras"}})
     linear = exact_ddpm(MIXTURE)
     assert linear.grid_levels("dpmpp_2m", 20, "karras")[0] == 999
 

@@ -36,16 +36,16 @@ def consistency_distill():
 
 
 METHODS = {
-    "ddpm": lambda: DDPM(net(), ADAM, data_shape=(2,), num_timesteps=20, sample_steps=4, eta=1.0, input_perturbation=0.1),
-    "ncsn": lambda: NCSN(net(), ADAM, data_shape=(2,), num_scales=4, n_steps_each=2),
-    "vesde": lambda: ScoreSDE(net(), ADAM, data_shape=(2,), sde="ve", sample_steps=4),
-    "vpsde": lambda: ScoreSDE(net(), ADAM, data_shape=(2,), sde="vp", sample_steps=25, likelihood_weighting=True),
-    "subvpsde": lambda: ScoreSDE(net(), ADAM, data_shape=(2,), sde="subvp", sample_steps=25),
-    "edm": lambda: EDM(net(), ADAM, data_shape=(2,), sample_steps=3, s_churn=5.0),
+    "ddpm": lambda: DDPM(net(), ADAM, data_shape=(2,), num_timesteps=20, input_perturbation=0.1, sampling={"steps": 4, "options": {"eta": 1.0}}),
+    "ncsn": lambda: NCSN(net(), ADAM, data_shape=(2,), num_scales=4, sampling={"steps": 2}),
+    "vesde": lambda: ScoreSDE(net(), ADAM, data_shape=(2,), sde="ve", sampling={"steps": 4}),
+    "vpsde": lambda: ScoreSDE(net(), ADAM, data_shape=(2,), sde="vp", likelihood_weighting=True, sampling={"steps": 25}),
+    "subvpsde": lambda: ScoreSDE(net(), ADAM, data_shape=(2,), sde="subvp", sampling={"steps": 25}),
+    "edm": lambda: EDM(net(), ADAM, data_shape=(2,), sampling={"steps": 3, "options": {"s_churn": 5.0}}),
     "consistency_train": lambda: ConsistencyTraining(net(), ADAM, data_shape=(2,), total_steps=100),
     "consistency_distill": consistency_distill,
-    "scheduled_sampling": lambda: ScheduledSamplingDDPM(net(), ADAM, data_shape=(2,), num_timesteps=20, sample_steps=4,
-                                                        max_rollback=2, p_start=1.0, p_end=1.0, total_steps=10),
+    "scheduled_sampling": lambda: ScheduledSamplingDDPM(net(), ADAM, data_shape=(2,), num_timesteps=20,
+                                                        max_rollback=2, p_start=1.0, p_end=1.0, total_steps=10, sampling={"steps": 4}),
     "bc_mse": lambda: BCMSE(net(cond_dim=3), ADAM, data_shape=(2,), cond_dim=3),
 }
 

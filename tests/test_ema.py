@@ -19,7 +19,7 @@ from lightning_modules.nets import MLP
 def toy_model() -> DDPM:
     torch.manual_seed(0)
     model = DDPM(MLP((2,), hidden=16, depth=1, emb_dim=8), partial(torch.optim.Adam, lr=1e-2), data_shape=(2,),
-                 num_timesteps=20, sample_steps=3)
+                 num_timesteps=20, sampling={"steps": 3})
     model.run_config = {"note": "ema test"}
     return model
 

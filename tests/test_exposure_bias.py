@@ -35,7 +35,8 @@ def ddpm(net=None, dim=2, **kwargs) -> DDPM:
     if net is None:
         net = MLP((dim,), hidden=32, depth=2, emb_dim=16)
         nn.init.normal_(net.fc_out.weight, std=0.5)  # the MLP starts as the zero function, under which scaling is a no-op
-    return DDPM(net, partial(torch.optim.Adam, lr=1e-3), data_shape=(dim,), num_timesteps=T, sample_steps=10, **kwargs)
+    block = {"steps": 10, **kwargs.pop("sampling", {})}
+    return DDPM(net, partial(torch.optim.Adam, lr=1e-3), data_shape=(dim,), num_timesteps=T, sampling=block, **kwargs)
 
 
 def plain_sample(model: DDPM, sampler: str, x_T: torch.Tensor, generator: torch.Generator, steps: int | None = None, **options):
@@ -56,9 +57,9 @@ def eps_of(denoiser, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("settings", [{}, {"eps_scale": 1.0}, {"eps_scale_schedule": "linear", "eps_scale_slope": 0.0}])
 def test_eps_scale_one_is_bitwise_the_unscaled_sampler(settings):
-    model = ddpm(**settings)
+    model = ddpm(sampling={"options": settings})
     x_T = torch.randn(32, 2, generator=torch.Generator().manual_seed(0))
-    for sampler, options in [("ancestral", {"variance": model.variance}), ("ddim", {"eta": 1.0})]:
+    for sampler, options in [("ancestral", {"variance": model.sampling_options["variance"]}), ("ddim", {"eta": 1.0})]:
         want = plain_sample(model, sampler, x_T, torch.Generator().manual_seed(1), **options)
         got = model.sample(32, sampler=sampler, x_T=x_T, generator=torch.Generator().manual_seed(1), eps_scale=1.0,
                            **({"eta": 1.0} if sampler == "ddim" else {}))
@@ -69,16 +70,16 @@ def test_eps_scale_divides_eps_by_its_schedule():
     """scale_eps wraps a VE-form denoiser, D' = x - (x - D) / lambda: the eps it implies is eps / lambda_t. The
     linear schedule lambda_t = eps_scale + slope * t is DDPM's (eps_lambda), t read from sigma by level_of."""
     unit_eps = lambda x, sigma: x - bcast(sigma, x)  # noqa: E731  (the denoiser whose eps is 1 everywhere)
-    model = ddpm(eps_scale=1.01, eps_scale_schedule="linear", eps_scale_slope=0.002)
+    model = ddpm(sampling={"options": {"eps_scale": 1.01, "eps_scale_schedule": "linear", "eps_scale_slope": 0.002}})
     t = torch.tensor([0, 10, 50])
     x, sigma = torch.zeros(3, 2, dtype=torch.float64), model.level_sigmas[t]
     torch.testing.assert_close(eps_of(scale_eps(unit_eps, 1.25), x, sigma), torch.full((3, 2), 0.8, dtype=torch.float64))
     lam = 1.01 + 0.002 * t.double()
     torch.testing.assert_close(eps_of(scale_eps(unit_eps, model.eps_lambda(1.01)), x, sigma), (1 / lam)[:, None].expand(3, 2))
     with pytest.raises(ValueError, match="eps_scale_schedule"):
-        ddpm(eps_scale_schedule="cosine")
+        ddpm(sampling={"options": {"eps_scale_schedule": "cosine"}})
     with pytest.raises(ValueError, match="eps_scale"):
-        ddpm(eps_scale=0.0)
+        ddpm(sampling={"options": {"eps_scale": 0.0}})
     x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
     a = ddpm().sample(8, sampler="ddim", x_T=x_T)
     b = ddpm().sample(8, sampler="ddim", x_T=x_T, eps_scale=1.05)
@@ -90,10 +91,10 @@ def test_eps_scale_divides_eps_by_its_schedule():
 
 @pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
 def test_time_shift_window_zero_is_bitwise_the_plain_sampler(sampler):
-    model = ddpm(time_shift_window=0, time_shift_cutoff=5)
+    model = ddpm(sampling={"options": {"time_shift_window": 0, "time_shift_cutoff": 5}})
     x_T = torch.randn(32, 2, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(2)
-    options = {"variance": model.variance} if sampler == "ancestral" else {"eta": 0.5}
+    options = {"variance": model.sampling_options["variance"]} if sampler == "ancestral" else {"eta": 0.5}
     want = plain_sample(model, sampler, x_T, g, **options)
     eta = {} if sampler == "ancestral" else {"eta": 0.5}  # ancestral is eta = 1 by definition and refuses eta=
     got = model.sample(32, sampler=sampler, x_T=x_T, generator=torch.Generator().manual_seed(2), time_shift_window=0, **eta)
@@ -124,7 +125,7 @@ def test_shift_levels_finds_the_level_whose_forward_variance_fits(true_level):
 
 @pytest.mark.parametrize("sampler,window", [("ddim", 4), ("ddim", 15), ("ancestral", 3)])  # DDIM's stride here is 11
 def test_shifted_levels_stay_in_the_window_and_above_the_next_level(sampler, window):
-    model = ddpm(dim=64, time_shift_window=window)
+    model = ddpm(dim=64, sampling={"options": {"time_shift_window": window}})
     x_T = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     levels, sigmas = [], []
 
@@ -208,7 +209,7 @@ def test_a_step_from_a_shifted_level_is_q_posterior_for_one_step_and_exact_for_m
 def test_shifting_to_the_nominal_level_reproduces_the_plain_sampler(monkeypatch, sampler, variance):
     """The shifted path (TimeShift's reread: the VE state back to VP, relabelled, back to VE at the new level), handed
     the nominal levels, is the plain sampler up to rounding."""
-    model = ddpm(variance=variance)
+    model = ddpm(sampling={"options": {"variance": variance}})
     x_T = torch.randn(32, 2, generator=torch.Generator().manual_seed(0))
     eta = {} if sampler == "ancestral" else {"eta": 0.7}  # ancestral is eta = 1 by definition and refuses eta=
     plain = model.sample(32, sampler=sampler, x_T=x_T, generator=torch.Generator().manual_seed(1), **eta)
@@ -226,7 +227,7 @@ def test_shifting_to_the_nominal_level_reproduces_the_plain_sampler(monkeypatch,
 
 
 def test_time_shift_needs_samples_with_several_elements():
-    model = DDPM(MLP((1,), hidden=8, depth=1, emb_dim=8), partial(torch.optim.Adam), data_shape=(1,), num_timesteps=T, time_shift_window=2)
+    model = DDPM(MLP((1,), hidden=8, depth=1, emb_dim=8), partial(torch.optim.Adam), data_shape=(1,), num_timesteps=T, sampling={"options": {"time_shift_window": 2}})
     with pytest.raises(ValueError, match="2\\+ elements"):
         model.sample(4, sampler="ddim")
 
@@ -254,7 +255,7 @@ def test_trajectory_and_callback_see_every_visited_state(sampler):
     assert torch.equal(states[0], model.to_ve(x_T, float(model.level_sigmas[-1])))
     assert [i for i, _, _ in seen] == list(range(len(levels)))
     grid = model.grid(sampler, 10)
-    options = {"variance": model.variance} if sampler == "ancestral" else {"eta": 1.0}
+    options = {"variance": model.sampling_options["variance"]} if sampler == "ancestral" else {"eta": 1.0}
     step, g = samplers.get(sampler).fn, torch.Generator().manual_seed(1)
     nxt = [*states[1:], x]
     for k in range(len(levels)):
@@ -269,7 +270,7 @@ N = 4000
 
 
 def point_mass_model(**kwargs):
-    return ddpm(net=ExactEps(GaussianMixture(means=[MU], stds=[0.0])), variance="posterior", **kwargs)
+    return ddpm(net=ExactEps(GaussianMixture(means=[MU], stds=[0.0])), **kwargs, sampling={"options": {"variance": "posterior"}})
 
 
 def test_perfect_ancestral_sampler_on_a_point_mass_has_no_exposure_gap():
@@ -307,7 +308,7 @@ def test_perfect_ancestral_sampler_on_gaussian_data_keeps_the_forward_marginal()
     grows as the trajectory forgets x0 (documented in measure_exposure_bias)."""
     s = 0.5
     data = GaussianMixture(means=[MU], stds=[s])
-    model = ddpm(net=ExactEps(data), variance="posterior")
+    model = ddpm(net=ExactEps(data), sampling={"options": {"variance": "posterior"}})
     g = torch.Generator().manual_seed(3)
     x0 = data.sample(N, generator=g)
     out = measure_exposure_bias(model, x0, "ancestral", generator=g)
@@ -371,13 +372,13 @@ def test_ddim_step_with_eta_one_adds_the_ddpm_posterior_std():
 
 def test_eps_scaling_schedules_and_the_identity_shortcut():
     unit_eps = lambda x, sigma: x - bcast(sigma, x)  # noqa: E731  (eps = (x - D) / sigma = 1)
-    flat = ddpm(eps_scale_schedule="linear", eps_scale_slope=0.0)  # lambda = 1 whichever the schedule
+    flat = ddpm(sampling={"options": {"eps_scale_schedule": "linear", "eps_scale_slope": 0.0}})  # lambda = 1 whichever the schedule
     assert scale_eps(unit_eps, 1.0) is unit_eps and scale_eps(unit_eps, flat.eps_lambda(1.0)) is unit_eps
     # t = 99 is the top level of the T = 100 table (lambda_t reads t from sigma, so only trained levels exist)
     x, t = torch.zeros(3, 2, dtype=torch.float64), torch.tensor([0, 10, 99])
     sigma = flat.level_sigmas[t]
     torch.testing.assert_close(eps_of(scale_eps(unit_eps, 2.0), x, sigma), torch.full((3, 2), 0.5, dtype=torch.float64))
-    linear = ddpm(eps_scale_schedule="linear", eps_scale_slope=0.01)  # lambda_t = 1 + 0.01 t
+    linear = ddpm(sampling={"options": {"eps_scale_schedule": "linear", "eps_scale_slope": 0.01}})  # lambda_t = 1 + 0.01 t
     torch.testing.assert_close(eps_of(scale_eps(unit_eps, linear.eps_lambda(1.0)), x, sigma)[:, 0], 1 / (1 + 0.01 * t.double()))
     # scale_eps itself takes any lambda(sigma)
     by_sigma = eps_of(scale_eps(unit_eps, lambda sg: 1 + 0.01 * sg), x, sigma)
@@ -424,7 +425,7 @@ def test_exposure_of_a_conditional_model_passes_each_rows_cond():
     row's own cond; with it the perfect ancestral sampler keeps the forward marginal, as without cond."""
     from test_teachers import CondDDPMNet, mixture_for
 
-    module = DDPM(nn.Identity(), None, data_shape=(2,), cond_dim=2, num_timesteps=100, variance="posterior")
+    module = DDPM(nn.Identity(), None, data_shape=(2,), cond_dim=2, num_timesteps=100, sampling={"options": {"variance": "posterior"}})
     module.net = CondDDPMNet(module.schedule, "eps")
     g = torch.Generator().manual_seed(0)
     cond = torch.randn(256, 2, generator=g) * 3
@@ -435,8 +436,8 @@ def test_exposure_of_a_conditional_model_passes_each_rows_cond():
 
 
 def test_a_constant_eps_scale_ignores_the_linear_slope():
-    constant = ddpm(eps_scale=2.0, eps_scale_schedule="constant", eps_scale_slope=0.5)
-    linear = ddpm(eps_scale=2.0, eps_scale_schedule="linear", eps_scale_slope=0.5)
+    constant = ddpm(sampling={"options": {"eps_scale": 2.0, "eps_scale_schedule": "constant", "eps_scale_slope": 0.5}})
+    linear = ddpm(sampling={"options": {"eps_scale": 2.0, "eps_scale_schedule": "linear", "eps_scale_slope": 0.5}})
     t = torch.tensor([0, 5, 9])
     x, sigma = torch.ones(3, 2, dtype=torch.float64), constant.level_sigmas[t]
     eps = lambda x, sigma: x + constant.level_of(sigma)[:, None].to(x.dtype)  # noqa: E731  (eps = x + t)

@@ -11,7 +11,7 @@ from conftest import run_cli
 @pytest.mark.slow
 def test_exposure_bias_is_logged_and_evaluated(tmp_path):
     run_dir = tmp_path / "run"
-    run_cli("train.py", "data=toy2d", "trainer.max_steps=20", "trainer.val_check_interval=10", "model.sample_steps=5",
+    run_cli("train.py", "data=toy2d", "trainer.max_steps=20", "trainer.val_check_interval=10", "model.sampling.steps=5",
             "final_eval.num_samples=100", "callbacks.quality.num_samples=100", "callbacks.exposure_bias.num_samples=64",
             f"hydra.run.dir={run_dir}")
     assert sorted(p.name for p in (run_dir / "exposure").glob("*.png")) == ["step_0000010.png", "step_0000020.png"]
@@ -52,7 +52,7 @@ def test_exposure_bias_is_logged_and_evaluated(tmp_path):
 @pytest.mark.slow
 def test_exposure_bias_refuses_methods_without_a_discrete_schedule(tmp_path):
     run_dir = tmp_path / "run"
-    run_cli("train.py", "model=edm", "data=toy2d", "trainer.max_steps=4", "trainer.val_check_interval=4", "model.sample_steps=2",
+    run_cli("train.py", "model=edm", "data=toy2d", "trainer.max_steps=4", "trainer.val_check_interval=4", "model.sampling.steps=2",
             "final_eval.num_samples=32", "callbacks.quality.num_samples=32", f"hydra.run.dir={run_dir}")
     assert not (run_dir / "exposure").exists()
     proc = run_cli("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "metric=exposure_bias", check=False)

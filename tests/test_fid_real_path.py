@@ -79,7 +79,7 @@ def test_evaluate_py_metric_fid_end_to_end(inception_file, tmp_path):
     run = run_script("train.py", "data=cifar10", *common, "net=unet_small", "data.batch_size=4", "trainer.max_steps=2",
                      "trainer.val_check_interval=2", "callbacks.quality=null", "callbacks.sample_logger=null",
                      "callbacks.exposure_bias=null", "logger=csv", "final_eval.num_samples=4", "model.num_timesteps=20",
-                     "model.sample_steps=2", "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={tmp_path / 'run'}")
+                     "model.sampling.steps=2", "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={tmp_path / 'run'}")
     assert run.code == 0, run.stderr[-3000:]
     out = tmp_path / "fid.json"
     result = run_script("evaluate.py", f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "metric=fid", "num_samples=8",

@@ -10,7 +10,7 @@ from cli_harness import run_script
 from lightning_modules.checkpoint import instantiate_datamodule, load_module
 
 TOY = ["data=toy2d", "data.num_train=640", "data.num_val=64", "data.batch_size=64", "net.hidden=32", "net.depth=2", "net.emb_dim=16",
-       "model.num_timesteps=20", "model.sample_steps=4", "final_eval.num_samples=64", "callbacks.quality=null",
+       "model.num_timesteps=20", "model.sampling.steps=4", "final_eval.num_samples=64", "callbacks.quality=null",
        "callbacks.sample_logger=null", "callbacks.exposure_bias=null", "logger=csv", "callbacks.progress_bar.refresh_rate=0",
        "callbacks.ema.decay=0.9", "model.optimizer.lr=3e-3", "trainer.max_steps=30", "trainer.val_check_interval=30"]
 

@@ -25,22 +25,48 @@ def exact_velocity(mixture, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return ((x.double() - x0) / t[:, None]).to(x.dtype)
 
 
+def exact_path_velocity(mixture, path, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """E[d_alpha x0 + d_sigma n | x_t = x] on any affine path: x0 from the mixture's VE denoiser at sigma / alpha,
+    n from x_t = alpha x0 + sigma n."""
+    t = t.double()
+    (alpha, sigma), (d_alpha, d_sigma) = path.marginal(t), path.d_marginal(t)
+    x0 = mixture.denoiser(x.double() / alpha[:, None], 1.0, sigma / alpha)
+    n = (x.double() - alpha[:, None] * x0) / sigma[:, None]
+    return (d_alpha[:, None] * x0 + d_sigma[:, None] * n).to(x.dtype)
+
+
 class ExactVelocityNet(torch.nn.Module):
     """The exact u(x, t) in a net's slot (noise level 999 t), plus `a` times the input: a line through the optimum."""
 
-    def __init__(self, mixture):
+    def __init__(self, mixture, path=None):
         super().__init__()
-        self.mixture = mixture
+        self.mixture, self.path = mixture, path
         self.a = torch.nn.Parameter(torch.zeros(()))
 
     def forward(self, x, noise_level, cond=None):
-        return exact_velocity(self.mixture, x, noise_level / 999.0) + self.a * x
+        t = noise_level / 999.0
+        u = exact_velocity(self.mixture, x, t) if self.path is None else exact_path_velocity(self.mixture, self.path, x, t)
+        return u + self.a * x
 
 
 def flow(mixture=MIXTURE, **kw) -> FlowMatching:
     module = FlowMatching(MLP((2,), hidden=8, depth=1), partial(torch.optim.Adam), data_shape=(2,), **kw)
-    module.net = ExactVelocityNet(mixture)
+    module.net = ExactVelocityNet(mixture, None if kw.get("path", "linear") == "linear" else module.path)
     return module
+
+
+def test_on_the_cosine_path_the_exact_velocity_minimises_the_loss_denoises_and_samples_the_mixture():
+    """A new interpolant is one class (paths.CosinePath): its velocity target, its VE conversions and its prior
+    make the exact field the loss's optimum, the mixture's denoiser, and a sampler of the mixture."""
+    module = flow(path="cosine")
+    assert_loss_optimum_at_zero(module.loss, module.net.a, MIXTURE.sample, 0.3, seed=11)
+    module = flow(path="cosine")  # the check above leaves its probe in net.a
+    g = torch.Generator().manual_seed(0)
+    sigma = torch.exp(torch.empty(64).uniform_(-4, 4, generator=g)).double()
+    x = MIXTURE.sample(64, generator=g).double() + sigma[:, None] * torch.randn(64, 2, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(module.denoise(x, sigma), MIXTURE.denoiser(x, 1.0, sigma), rtol=1e-6, atol=1e-6)
+    assert module.sigma_range[1] == pytest.approx(math.tan(0.4995 * math.pi)) and module.prior_std(1.0) == pytest.approx(math.sqrt(2))
+    check_matches_mixture(module.sample(N, sampler="heun", steps=60, generator=torch.Generator().manual_seed(2)), MIXTURE)
 
 
 @pytest.mark.parametrize("time_sampling", ["logit_normal", "uniform"])
@@ -102,6 +128,7 @@ def test_flow_matching_is_a_distillation_teacher():
 def test_bad_settings_name_the_option():
     from difflab.errors import ConfigError
 
-    for kw, key in [({"time_sampling": "beta"}, "time_sampling"), ({"t_max": 1.0}, "t_max"), ({"sampler": "cm"}, "model.sampler")]:
+    for kw, key in [({"time_sampling": "beta"}, "time_sampling"), ({"t_max": 1.0}, "t_max"),
+                    ({"sampling": {"sampler": "cm"}}, "model.sampling.sampler"), ({"path": "cosin"}, "model.path")]:
         with pytest.raises(ConfigError, match=key):
             FlowMatching(MLP((2,)), partial(torch.optim.Adam), data_shape=(2,), **kw)

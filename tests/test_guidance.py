@@ -140,6 +140,32 @@ def test_the_interval_guides_only_inside_and_nfe_counts_net_evaluations():
     assert spent == plain + inside and module.nfe("euler", 10, guidance=2.0, guidance_interval=[0.5, 5.0]) is None
 
 
+def test_cfg_rescale_matches_the_std_of_the_conditional_estimate_by_its_share_phi():
+    """Lin et al. 2024, Algorithm 2, on the x0 estimates: phi = 1 gives each guided sample the conditional estimate's
+    std over its elements, phi = 0 is plain CFG, and in between the factor is the phi-mix of the two."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64)
+    cond_out, null_out = 2.0 * x + 0.5, 0.3 * x - 0.2
+
+    def denoise(v, sigma, c):  # the condition picks one of two fixed maps of the state
+        return torch.where(c[:, :1, None, None] > 0, 2.0 * v + 0.5, 0.3 * v - 0.2)
+
+    cond, null = torch.ones(5, 1, dtype=torch.float64), torch.zeros(5, 1, dtype=torch.float64)
+    sigma = torch.ones(5, dtype=torch.float64)
+    plain = null_out + 4.0 * (cond_out - null_out)
+    torch.testing.assert_close(Guided(denoise, cond, null, 4.0)(x, sigma), plain, rtol=0, atol=0)
+    full = Guided(denoise, cond, null, 4.0, rescale=1.0)(x, sigma)
+    torch.testing.assert_close(full.std((1, 2, 3)), cond_out.std((1, 2, 3)))
+    factor = cond_out.std((1, 2, 3), keepdim=True) / plain.std((1, 2, 3), keepdim=True)
+    torch.testing.assert_close(Guided(denoise, cond, null, 4.0, rescale=0.7)(x, sigma), plain * (0.7 * factor + 0.3))
+    module = guided_module()
+    with pytest.raises(ConfigError, match=r"guidance_rescale=1\.5 is not valid"):
+        module.sample(2, cond=one_hot([0, 1]), guidance=2.0, guidance_rescale=1.5)
+    with pytest.raises(ConfigError, match=r"pass guidance=w as well"):
+        module.sample(2, cond=one_hot([0, 1]), guidance_rescale=0.7)
+    assert module.sample(2, cond=one_hot([0, 1]), steps=3, guidance=2.0, guidance_rescale=0.7).shape == (2, 2)
+
+
 def test_condition_dropout_replaces_its_share_with_the_learned_null_condition():
     module = guided_module(cond_drop=0.3)
     torch.manual_seed(3)

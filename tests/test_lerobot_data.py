@@ -206,7 +206,7 @@ def test_final_eval_num_episodes_zero_skips_the_episodes_on_a_task_with_a_simula
     from conftest import run_cli
 
     proc = run_cli("train.py", "data=obstacle2d", "data.num_episodes=8", "data.batch_size=32", "callbacks.rollout=null",
-                   "model.num_timesteps=10", "model.sample_steps=2", "final_eval.num_episodes=0", "trainer.max_steps=2",
+                   "model.num_timesteps=10", "model.sampling.steps=2", "final_eval.num_episodes=0", "trainer.max_steps=2",
                    "trainer.val_check_interval=2", f"hydra.run.dir={tmp_path}", "logger=csv")
     metrics = json.loads((tmp_path / "final" / "metrics.json").read_text())
     assert metrics["closed_loop"] == "skipped (final_eval.num_episodes=0)" and "no closed-loop evaluation" in proc.stdout

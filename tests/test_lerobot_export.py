@@ -41,7 +41,7 @@ def pusht_like_policy(sampler="ancestral", steps=None, clip=True, prediction="ep
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
     module = DDPM(net, partial(torch.optim.Adam), data_shape=(16, 2), cond_dim=40, num_timesteps=100, schedule="cosine",
-                  prediction=prediction, sampler="ddim", sample_steps=10, clip_denoised=clip)
+                  prediction=prediction, clip_denoised=clip, sampling={"sampler": "ddim", "steps": 10})
     module.run_config = {"model": {"schedule": "cosine", "beta_start": 1e-4, "beta_end": 0.02, "prediction": prediction}}
     rng = np.random.default_rng(seed)
     low = rng.uniform(0, 100, 20).astype(np.float32)

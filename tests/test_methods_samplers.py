@@ -205,7 +205,7 @@ def test_annealed_langevin_with_its_default_step_is_stable_on_every_method_it_is
 
 STEEP = {  # top sigma 2e4 (cosine T=1000), 2e3 (Push-T's cosine T=100), 999 (flow matching's t_max = 0.999)
     "cosine_ddpm_10": (lambda: DDPM(_net(), OPT, data_shape=(2,), schedule="cosine"), 10),
-    "cosine_ddpm_quadratic_10": (lambda: DDPM(_net(), OPT, data_shape=(2,), schedule="cosine", ddim_spacing="quadratic"), 10),
+    "cosine_ddpm_quadratic_10": (lambda: DDPM(_net(), OPT, data_shape=(2,), schedule="cosine", sampling={"options": {"ddim_spacing": "quadratic"}}), 10),
     "pusht_cosine_t100_10": (lambda: DDPM(_net(), OPT, data_shape=(2,), schedule="cosine", num_timesteps=100), 10),
     "flow_matching_5": (lambda: FlowMatching(_net(), OPT, data_shape=(2,)), 5),
     "flow_matching_10": (lambda: FlowMatching(_net(), OPT, data_shape=(2,)), 10),

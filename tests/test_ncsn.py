@@ -96,7 +96,7 @@ def test_plain_langevin_samples_one_mode_but_misweights_separated_modes():
 def toy_ncsn(**kw):
     torch.manual_seed(0)
     net = MLP((2,), hidden=32, depth=2, emb_dim=16)
-    kw = {"sigma_max": 5.0, "num_scales": 6, "n_steps_each": 3, **kw}
+    kw = {"sigma_max": 5.0, "num_scales": 6, **kw, "sampling": {"steps": 3, **kw.get("sampling", {})}}
     return NCSN(net, partial(torch.optim.Adam, lr=1e-3), data_shape=(2,), **kw)
 
 
@@ -183,9 +183,12 @@ def test_module_samples_and_counts_nfe(sampler, steps, nfe):
 def test_module_rejects_unknown_names_naming_the_key():
     # every registry sampler runs on NCSN's denoiser (sampler=pc included); cm needs a consistency function, and
     # an unknown name is no sampler at all
-    for key, value in (("objective", "sm"), ("parametrization", "v3"), ("sampler", "cm"), ("sampler", "annealed")):
+    for key, value in (("objective", "sm"), ("parametrization", "v3")):
         with pytest.raises(ValueError, match=f"model.{key}"):
             toy_ncsn(**{key: value})
+    for sampler in ("cm", "annealed"):
+        with pytest.raises(ValueError, match="model.sampling.sampler"):
+            toy_ncsn(sampling={"sampler": sampler})
 
 
 def test_module_warns_when_sigma_max_is_below_the_data_spread():
@@ -206,7 +209,7 @@ def test_module_sample_with_the_exact_score_reproduces_the_mixture():
     """The module's wiring: x_T = sigma_max z, its geometric levels, s = net / sigma and the final denoising
     step, with annealed Langevin at the settings of the function-level test (20 levels, 10 -> 0.01)."""
     module = NCSN(ExactLevelNet(), partial(torch.optim.Adam, lr=1e-3), data_shape=(2,), sigma_max=10.0, sigma_min=0.01,
-                  num_scales=20, n_steps_each=100, step_lr=5e-5)
+                  num_scales=20, sampling={"steps": 100, "options": {"step_lr": 5e-5}})
     x = module.sample(N, generator=torch.Generator().manual_seed(12))
     check_matches_mixture(x, MIXTURE)
 
@@ -221,7 +224,7 @@ def test_module_sampling_starts_from_sigma_max_noise():
             seen.append(x.detach().clone())
             return super().forward(x, noise_level, cond)
 
-    module = NCSN(Spy(), partial(torch.optim.Adam, lr=1e-3), data_shape=(2,), sigma_max=10.0, sigma_min=0.01, num_scales=5, n_steps_each=2)
+    module = NCSN(Spy(), partial(torch.optim.Adam, lr=1e-3), data_shape=(2,), sigma_max=10.0, sigma_min=0.01, num_scales=5, sampling={"steps": 2})
     module.sample(20_000, generator=torch.Generator().manual_seed(13))
     assert abs(seen[0].std().item() / 10.0 - 1) < 5 / math.sqrt(2 * seen[0].numel()) and abs(seen[0].mean().item()) < 5 * 10 / math.sqrt(40_000)
 

@@ -159,7 +159,7 @@ def test_train_obstacle_policy_end_to_end_then_load_and_evaluate(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli("train.py", "data=obstacle2d", "data.num_episodes=40", "trainer.max_steps=40", "trainer.val_check_interval=20",
                    "callbacks.rollout.num_episodes=2", "callbacks.rollout.every_n_val=2", "final_eval.num_episodes=3",
-                   "model.sample_steps=4", f"hydra.run.dir={run_dir}")
+                   "model.sampling.steps=4", f"hydra.run.dir={run_dir}")
     assert "Policy:         mean max-reward" in proc.stdout
     metrics = (run_dir / "final" / "metrics.json").read_text()
     assert '"success_rate"' in metrics and '"latency_per_chunk_s"' in metrics

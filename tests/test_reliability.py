@@ -33,7 +33,7 @@ from lightning_modules.nets import MLP
 
 QUIET = ["logger=csv", "callbacks.progress_bar.refresh_rate=0"]
 TOY = ["data=toy2d", "data.num_train=640", "data.num_val=64", "data.batch_size=64", "net.hidden=32", "net.depth=2",
-       "net.emb_dim=16", "model.num_timesteps=20", "model.sample_steps=4", "final_eval.num_samples=16",
+       "net.emb_dim=16", "model.num_timesteps=20", "model.sampling.steps=4", "final_eval.num_samples=16",
        "callbacks.quality.num_samples=32", "callbacks.sample_logger.num_samples=16", "callbacks.exposure_bias.num_samples=16"]
 
 
@@ -149,7 +149,7 @@ class PoisonAt(pl.Callback):
 def toy_model():
     net = MLP((2,), hidden=32, depth=2, emb_dim=16)
     model = DDPM(net, partial(torch.optim.Adam, lr=1e-3), partial(warmup_constant, warmup_steps=10), data_shape=(2,),
-                 num_timesteps=20, sample_steps=4)
+                 num_timesteps=20, sampling={"steps": 4})
     model.run_config = {"note": "in-process test"}
     return model
 
@@ -257,10 +257,10 @@ def assert_bitwise(a: dict, b: dict) -> None:
 
 DATA = {
     "toy2d": TOY,
-    "digits": ["data=digits", "net.ch=8", "net.num_res_blocks=1", "model.num_timesteps=20", "model.sample_steps=4",
+    "digits": ["data=digits", "net.ch=8", "net.num_res_blocks=1", "model.num_timesteps=20", "model.sampling.steps=4",
                "final_eval.num_samples=16", "callbacks.quality.num_samples=16", "callbacks.sample_logger.num_samples=4",
                "callbacks.exposure_bias.num_samples=16", "data.batch_size=64"],
-    "obstacle2d": ["data=obstacle2d", "data.num_episodes=12", "data.batch_size=64", "model.num_timesteps=20", "model.sample_steps=4",
+    "obstacle2d": ["data=obstacle2d", "data.num_episodes=12", "data.batch_size=64", "model.num_timesteps=20", "model.sampling.steps=4",
                    "callbacks.rollout.num_episodes=2", "final_eval.num_episodes=1"],
 }
 

@@ -16,7 +16,7 @@ from cli_harness import run_script
 from lightning_modules.checkpoint import instantiate_datamodule, load_module
 
 TOY = ["data=toy2d", "data.num_train=512", "data.num_val=64", "data.batch_size=64", "net.hidden=32", "net.depth=2",
-       "net.emb_dim=16", "final_eval.num_samples=16", "model.num_timesteps=20", "model.sample_steps=4",
+       "net.emb_dim=16", "final_eval.num_samples=16", "model.num_timesteps=20", "model.sampling.steps=4",
        "callbacks.quality=null", "callbacks.sample_logger=null", "callbacks.exposure_bias=null", "logger=csv",
        "callbacks.progress_bar.refresh_rate=0", "trainer.max_steps=2", "trainer.val_check_interval=2"]
 

@@ -32,7 +32,9 @@ def point_mass(mu):
 def ss_model(net=None, **kwargs) -> ScheduledSamplingDDPM:
     torch.manual_seed(0)
     net = net if net is not None else MLP((2,), hidden=32, depth=2, emb_dim=16)
-    return ScheduledSamplingDDPM(net, partial(torch.optim.Adam, lr=1e-3), data_shape=(2,), num_timesteps=T, sample_steps=10, **kwargs)
+    options = {k: kwargs.pop(k) for k in ("variance", "eta") if k in kwargs}  # the sampling block's, which rollbacks use
+    return ScheduledSamplingDDPM(net, partial(torch.optim.Adam, lr=1e-3), data_shape=(2,), num_timesteps=T,
+                                 sampling={"steps": 10, "options": options}, **kwargs)
 
 
 def within(value, expected, se, k=5.0):
@@ -231,7 +233,7 @@ def test_input_perturbation_off_keeps_the_ddpm_random_stream():
 # --- end to end --------------------------------------------------------------------------------------------
 
 TOY = [
-    "data=toy2d", "trainer.max_steps=6", "trainer.val_check_interval=3", "model.num_timesteps=50", "model.sample_steps=5",
+    "data=toy2d", "trainer.max_steps=6", "trainer.val_check_interval=3", "model.num_timesteps=50", "model.sampling.steps=5",
     "final_eval.num_samples=100", "callbacks.quality.num_samples=100", "callbacks.sample_logger.num_samples=20",
     "trainer.log_every_n_steps=1", "logger=csv",
 ]

@@ -13,10 +13,10 @@ TOY = [
 ]
 # per model: tiny sampler settings and the NFE they cost (VP's reverse-diffusion chain needs > 20 steps)
 FAST = {
-    "ncsn": (["model.num_scales=4", "model.n_steps_each=3"], 4 * 3 + 1),
-    "vesde": (["model.sample_steps=10"], 10 * 2 + 1),
-    "vpsde": (["model.sample_steps=25"], 25 * 2 + 1),
-    "subvpsde": (["model.sample_steps=25", "model.sampler=ode"], 25 * 2 + 1),
+    "ncsn": (["model.num_scales=4", "model.sampling.steps=3"], 4 * 3 + 1),
+    "vesde": (["model.sampling.steps=10"], 10 * 2 + 1),
+    "vpsde": (["model.sampling.steps=25"], 25 * 2 + 1),
+    "subvpsde": (["model.sampling.steps=25", "model.sampling.sampler=ode"], 25 * 2 + 1),
 }
 # sample.py with another sampler than the model's default: (sampler, steps, NFE; None = only known afterwards)
 OTHER_SAMPLER = {
@@ -48,7 +48,7 @@ def test_toy_run_trains_samples_and_resamples_from_its_checkpoint(model, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model,overrides", [("ncsn", ["model.objective=ssm", "model.num_scales=3", "model.n_steps_each=2"]), ("vpsde", ["model.sampler=ode", "model.sample_steps=4"])])
+@pytest.mark.parametrize("model,overrides", [("ncsn", ["model.objective=ssm", "model.num_scales=3", "model.sampling.steps=2"]), ("vpsde", ["model.sampling.sampler=ode", "model.sampling.steps=4"])])
 def test_digits_run_trains_and_samples_images(model, overrides, tmp_path):
     run_cli(
         "train.py", f"model={model}", *overrides, "net.ch=16", "net.num_res_blocks=1", "data.batch_size=32",

@@ -211,7 +211,7 @@ def test_bits_per_dim_with_dequantization_matches_the_discrete_distribution():
 
 def toy_module(sde="vp", **kw):
     net = MLP((2,), hidden=32, depth=2, emb_dim=16)
-    kw = {"sample_steps": 4, **kw}
+    kw["sampling"] = {"steps": 4, **kw.get("sampling", {})}
     return ScoreSDE(net, partial(torch.optim.Adam, lr=1e-3), data_shape=(2,), sde=sde, **kw)
 
 
@@ -297,17 +297,17 @@ def test_reverse_diffusion_predictor_in_ve_form_is_defined_on_grids_too_coarse_f
         x_T = to_ve(sde, torch.randn(4, 2, generator=torch.Generator().manual_seed(steps)))
         out = SAMPLERS["pc"].fn(denoiser, x_T, sde_grid(sde, steps, 1e-3), generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(out).all()
-    module = toy_module("vp", sampler="pc", sample_steps=10)
+    module = toy_module("vp", sampling={"sampler": "pc", "steps": 10})
     module.net = ExactScoreNet(MIXTURE, module.sde, "vp")
     assert torch.isfinite(module.sample(4, generator=torch.Generator().manual_seed(1))).all()
 
 
 def test_module_rejects_unknown_names():
-    toy_module(sampler="ddim")  # every registry sampler runs on a score SDE's VE-form denoiser
-    with pytest.raises(ValueError, match="model.sampler"):
-        toy_module(sampler="ddim_sample")  # no sampler of that name
-    with pytest.raises(ValueError, match="model.sampler"):
-        toy_module(sampler="cm")  # needs a consistency function
+    toy_module(sampling={"sampler": "ddim"})  # every registry sampler runs on a score SDE's VE-form denoiser
+    with pytest.raises(ValueError, match="model.sampling.sampler"):
+        toy_module(sampling={"sampler": "ddim_sample"})  # no sampler of that name
+    with pytest.raises(ValueError, match="model.sampling.sampler"):
+        toy_module(sampling={"sampler": "cm"})  # needs a consistency function
     with pytest.raises(ValueError, match="model.sde"):
         toy_module(sde="vpp")
     with pytest.raises(ValueError, match="model.predictor"):
@@ -377,7 +377,7 @@ def test_module_sample_with_the_exact_score_reproduces_the_mixture(sde):
     """The module's own wiring, which the sampler tests (given x_T) cannot see: the prior x_T = prior_std z
     (50 z for VE; N(0, 1) there would put every sample near the origin), the score read from the net, the
     sample_eps and the denoising step. Probability-flow ODE, 200 Heun steps."""
-    module = toy_module(sde, sampler="ode", sample_steps=200, sample_eps=SAMPLE_EPS[sde])
+    module = toy_module(sde, sample_eps=SAMPLE_EPS[sde], sampling={"sampler": "ode", "steps": 200})
     module.net = ExactScoreNet(MIXTURE, module.sde, sde)
     x = module.sample(N, generator=torch.Generator().manual_seed(11))
     check_matches_mixture(x, MIXTURE)

@@ -20,7 +20,7 @@ from lightning_modules.lr_schedules import warmup_constant
 from lightning_modules.nets import MLP
 
 TINY = [
-    "net.ch=16", "net.num_res_blocks=1", "model.num_timesteps=50", "model.sample_steps=5",
+    "net.ch=16", "net.num_res_blocks=1", "model.num_timesteps=50", "model.sampling.steps=5",
     "data.batch_size=32", "callbacks.sample_logger.num_samples=4", "callbacks.quality.num_samples=64",
     "final_eval.num_samples=64", "trainer.log_every_n_steps=1",
 ]
@@ -90,7 +90,7 @@ def test_sample_py_writes_npz_and_png(digits_run, tmp_path, sampler, steps, nfe)
 def test_toy2d_run_logs_scatter_and_sliced_wasserstein(tmp_path):
     run_cli(
         "train.py", "data=toy2d", "data.name=moons", "trainer.max_steps=20", "trainer.val_check_interval=10",
-        "model.num_timesteps=50", "model.sample_steps=5", "final_eval.num_samples=500", "callbacks.quality.num_samples=200",
+        "model.num_timesteps=50", "model.sampling.steps=5", "final_eval.num_samples=500", "callbacks.quality.num_samples=200",
         "callbacks.sample_logger.num_samples=100", f"hydra.run.dir={tmp_path}",
     )
     metrics = json.loads((tmp_path / "final" / "metrics.json").read_text())
@@ -196,7 +196,7 @@ def test_resume_accepts_optimizer_scheduler_and_sampling_edits(digits_run):
     cfg = OmegaConf.create(ckpt["difflab"]["config"])
     cfg.model.optimizer.lr = 1e-5
     cfg.model.scheduler.warmup_steps = 7
-    cfg.model.sampler, cfg.model.sample_steps, cfg.model.eta = "ancestral", 3, 0.5
+    cfg.model.sampling.sampler, cfg.model.sampling.steps, cfg.model.sampling.options.eta = "ancestral", 3, 0.5
     check_compatible(ckpt, cfg, "x.ckpt")
 
 

@@ -176,7 +176,7 @@ def test_a_method_on_the_transformer_trains_with_its_decay_split():
 
     net = TransformerForDiffusion1D(SHAPE, COND_DIM, n_obs_steps=N_OBS, **TINY)
     module = DDPM(net, functools.partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.1), data_shape=SHAPE, cond_dim=COND_DIM,
-                  num_timesteps=10, sample_steps=5)
+                  num_timesteps=10, sampling={"steps": 5})
     optimizer = module.configure_optimizers()
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
