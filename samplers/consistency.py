@@ -7,7 +7,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from samplers import grids
+import samplers.grids as grids
 from samplers.core import Callback, Watch, batch_sigma, noise
 
 

@@ -12,7 +12,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from samplers import grids
+import samplers.grids as grids
 from samplers.core import Callback, Denoiser, Watch, batch_sigma, bcast, noise
 
 

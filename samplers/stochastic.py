@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from samplers import grids
+import samplers.grids as grids
 from samplers.core import Callback, Denoiser, Watch, batch_sigma, bcast, noise
 
 VARIANCES = ("posterior", "beta")

@@ -28,6 +28,7 @@ CASES = [
     ("dpmpp_2m", "ddim_spacing", "quadratic", "quadratic"),
     ("ode_adaptive", "rtol", "0.001", 0.001), ("ode_adaptive", "atol", "0.001", 0.001),
     ("ddim", "eta", "0.7", 0.7), ("ddim", "eps_scale", "1.02", 1.02), ("ddim", "time_shift_window", "2", 2),
+    ("ddim", "eps_scale_slope", "0.001", 0.001), ("ddim", "time_shift_cutoff", "3", 3),
     ("ancestral", "variance", "posterior", "posterior"),
     ("pc", "snr", "0.05", 0.05), ("pc", "n_corrector_steps", "2", 2),
     ("annealed_langevin", "n_steps_each", "3", 3), ("annealed_langevin", "step_lr", "1e-05", 1e-05),
