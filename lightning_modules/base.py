@@ -86,6 +86,12 @@ class DiffusionModule(pl.LightningModule):
         self.cond_drop = 0.0
         self.null_cond: nn.Parameter | None = None
 
+    @classmethod
+    def net_cond_dim(cls, cond_dim: int | None) -> int | None:
+        """The size of the condition the net is built for: the data's, unless a method feeds the net more through it
+        (MeanFlow's interval t - r)."""
+        return cond_dim
+
     def configure_sampling(self, block: dict | None) -> None:
         """model.sampling = {sampler, steps, options}, over the method's default_sampling (options merge key by key)."""
         if OmegaConf.is_config(block):  # Hydra's instantiate hands nested settings over as DictConfig
@@ -196,6 +202,11 @@ class DiffusionModule(pl.LightningModule):
                     "with annealing); on this method's levels use sampler=annealed_langevin")
         if spec.needs == self.provides:
             return None
+        if self.provides == samplers.FLOW_MAP:
+            return ("a MeanFlow model's net is an average velocity u(z, r, t), not E[x0 | x] or a consistency function: "
+                    "only sampler=mean_flow is defined")
+        if spec.needs == samplers.FLOW_MAP:
+            return "mean_flow jumps with an average velocity u(z, r, t): it needs a model=mean_flow checkpoint"
         if self.provides == samplers.CONSISTENCY:
             return "a consistency function's output is the end of its ODE trajectory, not E[x0 | x]: only sampler=cm is defined"
         return "cm needs a consistency function: one denoiser call at sigma_max gives E[x0 | x_T], near the data mean, not a sample"

@@ -125,7 +125,7 @@ def build_model(cfg: DictConfig, data_shape, cond_dim, obs_spec: dict | None = N
     if getattr(get_class(method._target_), "owns_net", False):
         model = instantiate(method, net=None, data_shape=data_shape, cond_dim=cond_dim)
     else:
-        net = instantiate(cfg.net, data_shape=data_shape, cond_dim=cond_dim)
+        net = instantiate(cfg.net, data_shape=data_shape, cond_dim=get_class(method._target_).net_cond_dim(cond_dim))
         model = instantiate(method, net=net, data_shape=data_shape, cond_dim=cond_dim)
     model.enable_cond_drop(cond_drop)
     if encoder is not None:

@@ -68,7 +68,11 @@ class AffinePath:
         t = self.t_of_ve_sigma(torch.tensor(sigma, dtype=torch.float64))
         return float(self.marginal(t)[0])
 
-    def to_ve(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    def to_ve(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """x in the path's coordinates at the VE level sigma (a float, or per sample (B,)), in the VE form."""
+        if torch.is_tensor(sigma) and sigma.ndim == 1:
+            alpha, _ = self.marginal(self.t_of_ve_sigma(sigma.double()))
+            return x / bcast(alpha, x)
         return x / self.mean_scale(sigma)
 
     def from_ve(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -102,8 +106,8 @@ class LinearPath(AffinePath):
     def mean_scale(self, sigma: float) -> float:
         return 1 / (1 + sigma)
 
-    def to_ve(self, x, sigma: float):
-        return x * (1 + sigma)
+    def to_ve(self, x, sigma):
+        return x * (bcast(1 + sigma, x) if torch.is_tensor(sigma) and sigma.ndim == 1 else 1 + sigma)
 
     def from_ve(self, x, sigma):
         return x / bcast(1 + sigma, x)

@@ -12,12 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from samplers import consistency, langevin, ode, stochastic
+from samplers import consistency, langevin, mean_flow, ode, stochastic
 from samplers.core import Counted, batch_sigma, bcast, clipped
 
-# What a sampler needs of the model: an estimate of E[x0 | x] (every diffusion-family method), or a
-# consistency function, whose output is the end of x's ODE trajectory and not a posterior mean.
-DENOISER, CONSISTENCY = "denoiser", "consistency"
+# What a sampler needs of the model: an estimate of E[x0 | x] (every diffusion-family method), a consistency
+# function, whose output is the end of x's ODE trajectory and not a posterior mean, or a flow map jump(x, sigma,
+# sigma_next) built from an average velocity (MeanFlow).
+DENOISER, CONSISTENCY, FLOW_MAP = "denoiser", "consistency", "flow_map"
 
 
 def _transitions(levels: list[float]) -> int:
@@ -66,6 +67,8 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
             doc="Langevin at the lowest level only"),
     Sampler("cm", consistency.multistep, ("sigma_min",), lambda g, o: sum(s > 0 for s in g), needs=CONSISTENCY,
             doc="consistency sampling (Algorithm 1)"),
+    Sampler("mean_flow", mean_flow.jumps, (), lambda g, o: _transitions(g), needs=FLOW_MAP,
+            doc="MeanFlow's jumps z_r = z_t - (t - r) u (1 NFE a step)"),
 ]}
 
 
@@ -75,4 +78,4 @@ def get(name: str) -> Sampler:
     return SAMPLERS[name]
 
 
-__all__ = ["SAMPLERS", "Sampler", "get", "Counted", "batch_sigma", "bcast", "clipped", "DENOISER", "CONSISTENCY"]
+__all__ = ["SAMPLERS", "Sampler", "get", "Counted", "batch_sigma", "bcast", "clipped", "DENOISER", "CONSISTENCY", "FLOW_MAP"]

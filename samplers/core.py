@@ -43,8 +43,8 @@ class Counted:
     def __init__(self, denoiser: Denoiser, cost: Callable[[], int] | None = None):
         self.denoiser, self.calls, self.cost = denoiser, 0, cost
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        out = self.denoiser(x, sigma)
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, *levels) -> torch.Tensor:
+        out = self.denoiser(x, sigma, *levels)  # a flow map also takes the level it jumps to
         self.calls += 1 if self.cost is None else self.cost()
         return out
 

@@ -207,6 +207,11 @@ PAPER = {
         "model.optimizer.lr": 1e-4, "model.optimizer.weight_decay": 1e-6, "data.horizon": 16, "data.n_obs_steps": 2,
         "data.n_action_steps": 8, "model.scheduler.warmup_steps": 500, "trainer.max_steps": 8000, "callbacks.ema.decay": 0.9999,
     },
+    "pusht_mean_flow": {  # pusht_flow's protocol with MeanFlow's objective, 1 NFE per chunk
+        "model._target_": "lightning_modules.mean_flow.MeanFlow", "model.ratio_r_neq_t": 0.25, "model.jvp": "exact",
+        "model.sampling.sampler": "mean_flow", "model.sampling.steps": 1, "model.optimizer.lr": 1e-4,
+        "data.horizon": 16, "data.n_obs_steps": 2, "data.n_action_steps": 8, "trainer.max_steps": 8000,
+    },
 }
 NET_PARAMS = {"cifar10_ddpm": (35.5e6, 35.9e6), "cifar10_vesde": (58.5e6, 58.9e6), "pusht_ddpm": (4.4e6, 4.7e6),
               "pusht_flow": (4.4e6, 4.7e6), "pusht_edm": (4.4e6, 4.7e6), "pusht_ect": (4.4e6, 4.7e6),
