@@ -204,14 +204,23 @@ def evaluate_exposure_bias(cfg: DictConfig, module, ckpt, datamodule, device: st
     return result
 
 
+def execution_tag(cfg: DictConfig) -> str:
+    """A file-name suffix for a strategy or delay other than the default, so their results sit side by side."""
+    if cfg.execution == "receding" and not cfg.inference_delay:
+        return ""
+    return f"_{cfg.execution}_delay{cfg.inference_delay}" + (f"_m{cfg.ensemble_m}" if cfg.execution == "temporal_ensemble" else "")
+
+
 def evaluate_policy_checkpoint(cfg: DictConfig, device: str) -> dict:
     """Closed-loop episodes: mean max-reward, success rate, length, NFE and latency per action chunk."""
     from envs.policy import load_policy
     from envs.runner import evaluate_policy
 
     fixes = sampling_options(cfg)
-    policy, datamodule = load_policy(cfg.ckpt_path, cfg.sampler, cfg.steps, cfg.n_action_steps, device, cfg.seed, **fixes)
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"{Path(cfg.ckpt_path).stem}_policy_{policy.sampler or getattr(policy.module, 'sampler', 'default')}_{policy.nfe}nfe{sampling_tag(cfg)}.json"
+    execution = {"execution": cfg.execution, "inference_delay": cfg.inference_delay, "ensemble_m": cfg.ensemble_m}
+    policy, datamodule = load_policy(cfg.ckpt_path, cfg.sampler, cfg.steps, cfg.n_action_steps, device, cfg.seed,
+                                     execution=execution, **fixes)
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"{Path(cfg.ckpt_path).stem}_policy_{policy.sampler or getattr(policy.module, 'sampler', 'default')}_{policy.nfe}nfe{sampling_tag(cfg)}{execution_tag(cfg)}.json"
     video_dir = out.parent / f"{out.stem}_videos" if cfg.render else None
     result = evaluate_policy(policy, cfg.num_episodes, cfg.first_seed, cfg.max_steps,
                              render_episodes=cfg.num_episodes if cfg.render else 0, video_dir=video_dir, progress=cfg.progress)
@@ -220,7 +229,8 @@ def evaluate_policy_checkpoint(cfg: DictConfig, device: str) -> dict:
     out.write_text(json.dumps(result, indent=2))
     print(f"policy: mean max-reward {result['mean_max_reward']:.4f}, success rate {result['success_rate']:.3f}, "
           f"mean length {result['mean_length']:.1f} over {result['num_episodes']} episodes (seeds {result['seeds'][0]}..{result['seeds'][1]}); "
-          f"{result['sampler']} with {result['nfe']} NFE, {result['latency_per_chunk_s'] * 1000:.1f} ms per chunk on {device} -> {out}")
+          f"{result['sampler']} with {result['nfe']} NFE, {result['latency_per_chunk_s'] * 1000:.1f} ms per chunk on {device}; "
+          f"{result['execution']} execution, inference delay {result['inference_delay']}, jerk {result['mean_jerk']:.4g} -> {out}")
     return result
 
 

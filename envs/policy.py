@@ -14,6 +14,7 @@ import torch
 
 from difflab.errors import CheckpointError
 from difflab.normalizer import MinMaxNormalizer
+from envs.execution import Executor
 
 
 class Policy:
@@ -34,6 +35,9 @@ class Policy:
         task: str = "",
         image_shapes: dict | None = None,
         feature_keys: dict | None = None,
+        execution: str = "receding",
+        inference_delay: int = 0,
+        ensemble_m: float = 0.01,
     ):
         self.module = module.eval()
         self.task = task
@@ -50,7 +54,19 @@ class Policy:
         self.sample_kwargs = dict(sample_kwargs or {})  # e.g. eps_scale, time_shift_window for the DDPM family
         self.seed = seed
         self.generator = torch.Generator(device=module.device).manual_seed(seed)
+        # envs.execution: how chunks become executed actions (receding horizon, temporal ensembling), with delay
+        self.execution, self.inference_delay, self.ensemble_m = execution, inference_delay, ensemble_m
+        self.executor()  # refuses bad settings now, in one line
         self.reset()
+
+    @property
+    def chunk_length(self) -> int:
+        """Actions a chunk has for the current step and after it: the horizon minus the n_obs_steps - 1 it spends
+        on the past."""
+        return self.horizon - self.n_obs_steps + 1
+
+    def executor(self) -> Executor:
+        return Executor(self.execution, self.n_action_steps, self.chunk_length, self.inference_delay, self.ensemble_m)
 
     @classmethod
     def from_spec(cls, module, spec: dict, n_action_steps: int | None = None, **kwargs) -> "Policy":
@@ -127,7 +143,7 @@ class Policy:
     def reset(self) -> None:
         """Start an episode: forget the observation history and the queue of planned actions."""
         self._history: deque = deque(maxlen=self.n_obs_steps)
-        self._queue: deque = deque()
+        self._executor, self._step = self.executor(), 0
 
     def select_action(self, obs: dict) -> np.ndarray:
         """The action to execute now from the current observation only: (action_dim,), or (B, action_dim) for a batch
@@ -145,15 +161,17 @@ class Policy:
                              "call reset() before changing the batch size")
         if not self._history:
             self._history.extend([obs] * self.n_obs_steps)
+            self._executor.reset(obs["__batch"])
         else:
             self._history.append(obs)
-        if not self._queue:
+        if self._executor.due(self._step):
             recent = list(self._history)
             low = np.stack([o["__low"] for o in recent], axis=1)  # (B, n_obs_steps, obs_dim)
             history = {"low_dim": low, **{k: np.stack([o[k] for o in recent], axis=1) for k in self.image_shapes}} if self.image_shapes else low
-            chunk = self.act(history)  # (B, n_action_steps, action_dim)
-            self._queue.extend(chunk.transpose(1, 0, 2))
-        action = self._queue.popleft()
+            for b, chunk in enumerate(self.plan(history)):  # (B, chunk_length, action_dim)
+                self._executor.add(b, self._step, chunk)
+        action = np.stack([self._executor.action(b, self._step) for b in range(self._executor.batch)])
+        self._step += 1
         return action if batched else action[0]
 
     def canonical(self, obs: dict) -> tuple[dict, bool]:
@@ -205,13 +223,18 @@ class Policy:
             return np.rint(frames * 255.0).astype(np.uint8)
         raise ValueError(f"camera {key} is {frames.dtype}; pass uint8 0..255 or float in [0, 1]")
 
-    @torch.no_grad()
     def act(self, obs_history) -> np.ndarray:
         """Actions to execute now: (n_action_steps, action_dim), or (B, n_action_steps, action_dim) for a batch.
 
         obs_history: a list of observation dicts (oldest first), an array
         (n_obs_steps, obs_dim), or a batch (B, n_obs_steps, obs_dim), raw units.
         """
+        return self.plan(obs_history)[..., : self.n_action_steps, :]
+
+    @torch.no_grad()
+    def plan(self, obs_history) -> np.ndarray:
+        """The whole executable chunk, (chunk_length, action_dim) or batched: the action for the current step and
+        those after it (what an execution strategy chooses from); `act` keeps its first n_action_steps."""
         if isinstance(obs_history, (list, tuple)) and obs_history and isinstance(obs_history[0], dict):
             obs_history = self.stack(list(obs_history))
         frames = {}
@@ -235,17 +258,17 @@ class Policy:
                                    **self.sample_kwargs)
         actions = self.action_normalizer.unnormalize(chunk.float().cpu()).numpy()
         # The chunk is aligned with the history: index n_obs_steps - 1 is the action for the current step.
-        start = self.n_obs_steps - 1
-        actions = actions[:, start : start + self.n_action_steps]
+        actions = actions[:, self.n_obs_steps - 1 :]
         return actions[0] if single else actions
 
 
 def load_policy(path, sampler: str | None = None, steps: int | None = None, n_action_steps: int | None = None,
-                device: str = "cpu", seed: int = 0, **sample_kwargs) -> tuple[Policy, object]:
+                device: str = "cpu", seed: int = 0, execution: dict | None = None, **sample_kwargs) -> tuple[Policy, object]:
     """A checkpoint alone acts: (policy, datamodule); `policy.make_env()` builds its environment, and the
     datamodule (not set up, no data read) is returned for its `unnormalize`/`render` (None when it cannot be built
     without its data, e.g. a LeRobot folder that is not on this machine: the policy does not need it).
-    sample_kwargs go to every `module.sample` call (e.g. eps_scale=1.01 for a DDPM-family policy)."""
+    sample_kwargs go to every `module.sample` call (e.g. eps_scale=1.01 for a DDPM-family policy); `execution`
+    ({execution, inference_delay, ensemble_m}) picks how chunks are executed (envs.execution)."""
     from hydra.utils import get_class
 
     from difflab.errors import MissingFileError
@@ -273,7 +296,7 @@ def load_policy(path, sampler: str | None = None, steps: int | None = None, n_ac
         raise CheckpointError(f"{path} has no policy entry and its data are not here to rebuild the normalizers from")
     module.check_sampling(sampler, steps=steps, **sample_kwargs)
     policy = Policy.from_spec(module, spec, n_action_steps=n_action_steps, sampler=sampler, steps=steps, seed=seed,
-                              sample_kwargs=sample_kwargs)
+                              sample_kwargs=sample_kwargs, **(execution or {}))
     if datamodule is not None:
         datamodule.load_state_dict({k: spec[k] for k in ("obs_normalizer", "action_normalizer", "obs_keys", "n_obs_steps",
                                                          "horizon", "n_action_steps")})

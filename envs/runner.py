@@ -1,9 +1,11 @@
-"""Closed-loop evaluation: N seeded episodes, receding horizon, the paper's scores.
+"""Closed-loop evaluation: N seeded episodes, the policy's execution strategy (receding horizon by default), the
+paper's scores and the executed actions' smoothness.
 
 All episodes step in lockstep so the policy samples one batch of action chunks
 for every running episode at once (one network call per denoising step, not
-one per episode). Used by the rollout callback, `train.py`'s final evaluation
-and `evaluate.py metric=policy`.
+one per episode). When to plan and what to execute is `envs.execution`'s, the same
+code `Policy.select_action` steps with. Used by the rollout callback, `train.py`'s
+final evaluation and `evaluate.py metric=policy`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from envs.execution import Executor
 
 SUCCESS_NOTE = "success: the environment's own criterion (Push-T: coverage > 0.95; obstacle2d: goal reached)"
 
@@ -34,32 +38,40 @@ def run_episodes(policy, make_env: Callable, seeds: list[int], max_steps: int | 
     for i in range(min(render_episodes, n)):
         results[i]["frames"].append(envs[i].render())
 
+    # A Policy brings its execution strategy; anything else with stack/act runs receding on the chunks act returns.
+    executor = policy.executor() if hasattr(policy, "executor") else Executor("receding", policy.n_action_steps, policy.n_action_steps)
+    plan = getattr(policy, "plan", None) if hasattr(policy, "executor") else policy.act
+    executor.reset(n)
+    step = 0
     with tqdm(total=n * max_steps, disable=not progress, desc="rollouts", unit="step") as bar:
         while True:
             active = [i for i in range(n) if not results[i]["done"] and results[i]["length"] < max_steps]
             if not active:
                 break
-            stack_batch = getattr(policy, "stack_batch", None)  # a Policy; anything with stack/act also runs
-            chunks = policy.act(stack_batch([histories[i] for i in active]) if stack_batch else
-                                np.stack([policy.stack(list(histories[i])) for i in active]))
-            for k in range(chunks.shape[1]):
+            if executor.due(step):
+                stack_batch = getattr(policy, "stack_batch", None)  # a Policy; anything with stack/act also runs
+                chunks = plan(stack_batch([histories[i] for i in active]) if stack_batch else
+                              np.stack([policy.stack(list(histories[i])) for i in active]))
                 for j, i in enumerate(active):
-                    r = results[i]
-                    if r["done"] or r["length"] >= max_steps:
-                        continue
-                    obs, reward, done, info = envs[i].step(chunks[j, k])
-                    histories[i].append(obs)
-                    r["length"] += 1
-                    r["max_reward"] = max(r["max_reward"], float(reward))
-                    r["success"] = r["success"] or bool(info.get("is_success", False))
-                    r["done"] = bool(done)
-                    if "route" in info:
-                        r["route"] = int(info["route"])
-                    if i < render_episodes:
-                        r["frames"].append(envs[i].render())
-                    bar.update(1)
+                    executor.add(i, step, chunks[j])
+            for i in active:
+                r = results[i]
+                obs, reward, done, info = envs[i].step(executor.action(i, step))
+                histories[i].append(obs)
+                r["length"] += 1
+                r["max_reward"] = max(r["max_reward"], float(reward))
+                r["success"] = r["success"] or bool(info.get("is_success", False))
+                r["done"] = bool(done)
+                if "route" in info:
+                    r["route"] = int(info["route"])
+                if i < render_episodes:
+                    r["frames"].append(envs[i].render())
+                bar.update(1)
+            step += 1
             # Episodes that ended early free their remaining budget in the bar.
             bar.total = sum(r["length"] if r["done"] else max_steps for r in results)
+    for i, r in enumerate(results):
+        r.update(executor.smoothness(i))
     for env in envs:
         env.close()
     for r in results:
@@ -75,6 +87,9 @@ def summarize(results: list[dict]) -> dict:
         "success_rate": float(np.mean([r["success"] for r in results])),
         "mean_length": float(np.mean([r["length"] for r in results])),
     }
+    if results and "jerk" in results[0]:
+        out["mean_jerk"] = float(np.mean([r["jerk"] for r in results]))
+        out["mean_boundary_jump"] = float(np.mean([r["boundary_jump"] for r in results]))
     routes = [r["route"] for r in results if "route" in r]
     if routes:
         successful = [r["route"] for r in results if r.get("success") and "route" in r]
@@ -122,6 +137,8 @@ def evaluate_policy(policy, num_episodes: int, seed: int, max_steps: int | None 
         "steps": policy.steps or getattr(policy.module, "sample_steps", None),
         "nfe": policy.nfe,
         "n_action_steps": policy.n_action_steps,
+        "execution": getattr(policy, "execution", "receding"),
+        "inference_delay": getattr(policy, "inference_delay", 0),
         "latency_per_chunk_s": round(chunk_latency(policy, make_env, seed), 5),
         "rollout_seconds": round(seconds, 1),
         "per_episode": [{k: v for k, v in r.items() if k != "frames"} for r in results],

@@ -1,0 +1,93 @@
+"""How a policy's action chunks become the actions a robot executes, with or without inference delay.
+
+One implementation serves `Policy.select_action` and the lockstep runner. A policy's plan is a chunk of L actions
+for the current step and the L - 1 after it (the executable part of its horizon). The executor decides when to
+plan (`due`), and what to execute at each step from the chunks it was given (`action`):
+
+- `receding` (Diffusion Policy's): plan every n_action_steps and execute the newest chunk;
+- `temporal_ensemble` (ACT's): plan every step and execute the average of every chunk that covers the step, the
+  oldest weighted most, w_i = exp(-m i) (i = 0 for the oldest prediction; m = 0 is the plain mean).
+
+Inference delay `d` (steps): a plan made from the observation of step t arrives at step t + d; until then the
+previous chunk keeps running, and the new chunk's first d actions, for steps already gone, are dropped. Receding
+then plans d steps before its chunk runs out, so n_action_steps + d must fit in the L actions a chunk has. The
+first chunk of an episode is made before the clock starts (a robot waits for it once). With d = 0 `receding` is
+exactly the lockstep receding horizon of before.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from difflab.errors import ConfigError
+
+STRATEGIES = ("receding", "temporal_ensemble")
+
+
+class Executor:
+    """Per episode of a batch: the chunks planned so far, and the executed actions (for the smoothness figures)."""
+
+    def __init__(self, strategy: str, n_action_steps: int, chunk_length: int, delay: int = 0, m: float = 0.01):
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"execution={strategy!r} is not a strategy: use one of {', '.join(STRATEGIES)}")
+        if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
+            raise ConfigError(f"inference_delay={delay} is not valid: a whole number of steps >= 0")
+        if m < 0:
+            raise ConfigError(f"ensemble_m={m} is not valid: m >= 0 (ACT's weights exp(-m i); 0 is the plain mean)")
+        every = n_action_steps if strategy == "receding" else 1
+        if every + delay > chunk_length:
+            raise ConfigError(f"inference_delay={delay} with {every} action(s) executed per plan needs {every + delay} actions "
+                              f"of each chunk, but the policy's chunk has {chunk_length} (its horizon minus n_obs_steps - 1): "
+                              f"lower inference_delay to at most {chunk_length - every}" +
+                              (" or n_action_steps" if strategy == "receding" else ""))
+        self.strategy, self.every, self.length, self.delay, self.m = strategy, int(every), int(chunk_length), int(delay), float(m)
+        self.reset(0)
+
+    def reset(self, batch: int) -> None:
+        self.batch = batch
+        self.chunks: list[list[tuple[int, int, np.ndarray]]] = [[] for _ in range(batch)]  # (planned, arrives, (L, A))
+        self.executed: list[list[np.ndarray]] = [[] for _ in range(batch)]
+        self.arrivals: list[list[int]] = [[] for _ in range(batch)]  # steps at which a new chunk took over
+
+    def due(self, step: int) -> bool:
+        """Whether to plan at this step (from its observation): every step for ensembling; for receding at step 0
+        and then d steps before each chunk's n_action_steps run out, so the next one arrives as they do."""
+        if self.strategy == "temporal_ensemble" or step == 0:
+            return True
+        return (step + self.delay) % self.every == 0
+
+    def add(self, episode: int, step: int, chunk: np.ndarray) -> None:
+        """A chunk planned from the observation of `step`: (L, action_dim), its row k for step `step + k`."""
+        if chunk.shape[0] != self.length:
+            raise ValueError(f"a chunk has {self.length} actions, got {chunk.shape[0]}")
+        arrival = step if step == 0 else step + self.delay
+        self.chunks[episode].append((step, arrival, np.asarray(chunk)))
+        self.arrivals[episode].append(arrival)
+
+    def action(self, episode: int, step: int) -> np.ndarray:
+        """The action executed at `step`: from the chunks that have arrived by then and cover it."""
+        live = [(planned, c) for planned, arrival, c in self.chunks[episode] if arrival <= step and step - planned < self.length]
+        if not live:
+            raise RuntimeError(f"no chunk covers step {step}: plan before stepping (the executor's `due`)")
+        if self.strategy == "receding":
+            planned, chunk = live[-1]
+            out = chunk[step - planned]
+        else:
+            weights = np.array([math.exp(-self.m * i) for i in range(len(live))])  # i = 0: the oldest prediction
+            preds = np.stack([c[step - planned] for planned, c in live])
+            out = ((weights[:, None] * preds).sum(0) / weights.sum()).astype(preds.dtype)
+        self.executed[episode].append(out)
+        # Chunks that cannot cover a later step are dropped, so memory stays bounded over long episodes.
+        self.chunks[episode] = [(p, a, c) for p, a, c in self.chunks[episode] if step + 1 - p < self.length]
+        return out
+
+    def smoothness(self, episode: int) -> dict:
+        """Mean squared jerk (third difference per step) of the executed actions, and the mean jump ||a_t - a_{t-1}||
+        at the steps where a new chunk took over (receding) or every step (ensembling)."""
+        a = np.asarray(self.executed[episode], dtype=np.float64)
+        jerk = float(np.mean(np.sum(np.diff(a, n=3, axis=0) ** 2, axis=1))) if len(a) > 3 else 0.0
+        steps = [s for s in self.arrivals[episode] if 0 < s < len(a)] if self.strategy == "receding" else list(range(1, len(a)))
+        jump = float(np.mean([np.linalg.norm(a[s] - a[s - 1]) for s in steps])) if steps else 0.0
+        return {"jerk": jerk, "boundary_jump": jump}

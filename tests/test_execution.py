@@ -1,0 +1,112 @@
+"""Execution strategies and inference delay (envs/execution.py) against a scripted policy with known chunks.
+
+The scripted module (tests/test_runner.py) makes every chunk spell out where it came from: the action for step u of
+a chunk planned from the observation of step s is (u, 1000 * call + seed), whatever s is, so the first component
+checks alignment and the second which plan (and so which, possibly stale, observation) an executed action came from.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from difflab.errors import ConfigError
+from difflab.normalizer import MinMaxNormalizer
+from envs.execution import Executor
+from envs.policy import Policy
+from envs.runner import run_episodes
+from test_runner import HORIZON, N_OBS, CountingEnv, ScriptedModule, identity
+
+L = HORIZON - N_OBS + 1  # 6 actions per chunk from the current step on
+
+
+def policy(n_act=4, **execution):
+    module = ScriptedModule()
+    return Policy(module, MinMaxNormalizer(-np.ones(2), np.ones(2)), identity(), ["pos"], {"pos": 2}, N_OBS, HORIZON, n_act,
+                  **execution), module
+
+
+def rollout(seeds, **kw):
+    pol, module = policy(**kw)
+    envs = []
+
+    def make_env():
+        envs.append(CountingEnv())
+        return envs[-1]
+
+    return run_episodes(pol, make_env, seeds), envs, module
+
+
+def test_temporal_ensembling_averages_the_covering_chunks_oldest_weighted_most():
+    ex = Executor("temporal_ensemble", n_action_steps=1, chunk_length=3, m=0.5)
+    ex.reset(1)
+    values = [10.0, 20.0, 30.0]
+    for step, v in enumerate(values):
+        assert ex.due(step)
+        ex.add(0, step, np.full((3, 1), v))
+        got = ex.action(0, step)[0]
+        live = values[: step + 1]
+        w = [math.exp(-0.5 * i) for i in range(len(live))]  # i = 0: the oldest chunk
+        assert got == pytest.approx(sum(wi * v for wi, v in zip(w, live)) / sum(w))
+    ex.add(0, 3, np.full((3, 1), 40.0))  # the chunk of step 0 no longer covers step 3
+    w = [math.exp(-0.5 * i) for i in range(3)]
+    assert ex.action(0, 3)[0] == pytest.approx((w[0] * 20 + w[1] * 30 + w[2] * 40) / sum(w))
+
+
+@pytest.mark.parametrize("n_act,delay", [(4, 2), (2, 3), (1, 1)])
+def test_with_delay_the_env_executes_the_previous_chunk_until_the_stale_plan_arrives(n_act, delay):
+    results, envs, module = rollout([0], n_act=n_act, inference_delay=delay)
+    actions = np.stack(envs[0].actions)
+    np.testing.assert_array_equal(actions[:, 0], np.arange(len(actions)))  # every action for its own step
+    calls = (actions[:, 1] // 1000).astype(int)
+    planned_at = [int(c.reshape(N_OBS, 2)[-1, 0]) for c in module.calls]  # the observation each plan saw
+    # the first chunk runs until the second arrives; each later chunk runs n_act steps from its arrival
+    assert planned_at[0] == 0 and all((s + delay) % n_act == 0 for s in planned_at[1:])
+    assert np.all(np.diff(planned_at[1:]) == n_act) and planned_at[1] == min(s for s in range(1, 50) if (s + delay) % n_act == 0)
+    for u, call in enumerate(calls):
+        arrival = max(k for k, s in enumerate(planned_at) if (s + delay if k else 0) <= u)
+        assert call == arrival + 1, (u, call, arrival)
+
+
+@pytest.mark.parametrize("execution", [{}, {"inference_delay": 2}, {"execution": "temporal_ensemble", "ensemble_m": 0.1},
+                                       {"execution": "temporal_ensemble", "inference_delay": 1, "n_act": 1}])
+def test_select_action_and_the_runner_execute_the_same_actions(execution):
+    execution = dict(execution)
+    n_act = execution.pop("n_act", 4)
+    _, envs, _ = rollout([3], n_act=n_act, **execution)
+    pol, _ = policy(n_act=n_act, **execution)
+    env = CountingEnv()
+    obs, done, stepped = env.reset(3), False, []
+    while not done:
+        action = pol.select_action(obs)
+        stepped.append(action)
+        obs, _, done, _ = env.step(action)
+    np.testing.assert_allclose(np.stack(stepped), np.stack(envs[0].actions), rtol=0, atol=0)
+
+
+def test_smoothness_figures():
+    ex = Executor("receding", n_action_steps=2, chunk_length=4)
+    ex.reset(1)
+    t = np.arange(8, dtype=np.float64)
+    for step in range(8):
+        if ex.due(step):
+            ex.add(0, step, (np.arange(step, step + 4, dtype=np.float64) ** 3)[:, None])
+        ex.action(0, step)
+    figures = ex.smoothness(0)
+    assert figures["jerk"] == pytest.approx(36.0)  # the third difference of t^3 is 6 everywhere
+    jumps = [abs(t[s] ** 3 - t[s - 1] ** 3) for s in (2, 4, 6)]  # new chunks took over at steps 2, 4, 6
+    assert figures["boundary_jump"] == pytest.approx(np.mean(jumps))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"execution": "ensemble"}, r"execution='ensemble' is not a strategy: use one of receding, temporal_ensemble"),
+    ({"inference_delay": -1}, r"inference_delay=-1 is not valid"),
+    ({"inference_delay": 3}, r"inference_delay=3 with 4 action\(s\) executed per plan needs 7 actions of each chunk, but "
+                             r"the policy's chunk has 6 .*: lower inference_delay to at most 2 or n_action_steps"),
+    ({"execution": "temporal_ensemble", "ensemble_m": -0.1}, r"ensemble_m=-0.1 is not valid"),
+])
+def test_bad_execution_settings_are_one_line(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        policy(**kwargs)
