@@ -19,6 +19,7 @@ from torch import nn
 import samplers
 from difflab.errors import ConfigError, TrainingDiverged
 from lightning_modules.exposure_fixes import scale_eps
+from lightning_modules.paths import VE_PATH
 from samplers import grids
 from samplers.guidance import Guided
 from samplers.likelihood import dequantize, log_likelihood
@@ -152,14 +153,14 @@ class DiffusionModule(pl.LightningModule):
         lo, hi = self.sigma_range
         return grids.append_zero(grids.karras(steps, lo, hi, 7.0))
 
-    # The method's noise path (lightning_modules.paths: alpha(t), sigma(t) and the VE conversions), when its coordinates
-    # are not the VE form's own: prior_std, to_ve and likelihood_bounds read it, so a method on a path writes none.
-    path = None
+    # The method's noise path (lightning_modules.paths: alpha(t), sigma(t) and the VE conversions): prior_std, to_ve
+    # and likelihood_bounds read it, so a method on a path writes none. VE methods keep this default.
+    path = VE_PATH
 
     def prior_std(self, sigma: float) -> float:
         """The std of the VE-form state at the first level: sigma for VE methods, more where the method's own prior
         is unit noise in scaled coordinates (a VP x_T ~ N(0, I) is x_T / sqrt(abar) in VE form)."""
-        return sigma if self.path is None else self.path.prior_ve_std(sigma)
+        return self.path.prior_ve_std(sigma)
 
     def first_draw_std(self, sigma: float, options: dict) -> float:
         """The std sample() draws the first state with: the prior's, unless a sampling option shrinks it."""
@@ -167,7 +168,7 @@ class DiffusionModule(pl.LightningModule):
 
     def to_ve(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """A state in the method's own coordinates at level sigma, in the VE form (identity for VE methods)."""
-        return x if self.path is None else self.path.to_ve(x, sigma)
+        return self.path.to_ve(x, sigma)
 
     def sampling_defaults(self, sampler: str) -> dict:
         """The sampling block's options that `sampler` takes (a call overrides them)."""
@@ -400,7 +401,7 @@ class DiffusionModule(pl.LightningModule):
         """(sigma_lo, sigma_hi, prior std at sigma_hi, mean_scale at sigma_lo): the data are read as the method's own
         state at sigma_lo (x_VE = x / mean_scale), the prior is N(0, std^2 I) in the VE form at sigma_hi."""
         lo, hi = self.sigma_range
-        return lo, hi, self.prior_std(hi), 1.0 if self.path is None else self.path.mean_scale(lo)
+        return lo, hi, self.prior_std(hi), self.path.mean_scale(lo)
 
     def bits_per_dim(self, x: torch.Tensor, cond=None, num_levels: int | None = 256, probe: str = "rademacher",
                      rtol: float | None = None, atol: float | None = None, generator: torch.Generator | None = None):

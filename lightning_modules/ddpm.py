@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from difflab.errors import ConfigError
 from lightning_modules.base import DiffusionModule
 from lightning_modules.exposure_fixes import EPS_SCALE_SCHEDULES, TimeShift
+from lightning_modules.paths import DiscreteVPPath
 from lightning_modules.schedules import DiscreteSchedule, make_betas
 from samplers import grids
 from samplers.core import batch_sigma, bcast
@@ -55,6 +56,7 @@ class DDPM(DiffusionModule):
         if not 1 <= self.sample_steps <= num_timesteps:
             raise ConfigError(f"model.sampling.steps={self.sample_steps} must be in [1, model.num_timesteps={num_timesteps}]")
         self.schedule = DiscreteSchedule(make_betas(schedule, num_timesteps, beta_start, beta_end))
+        self.path = DiscreteVPPath(self.schedule)
         self.schedule_name = schedule
         self.prediction = prediction
         if input_perturbation < 0:
@@ -113,7 +115,7 @@ class DDPM(DiffusionModule):
         x0, cond = batch["x"], batch.get("cond")
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        x_t = self.schedule.q_sample(x0, t, self.perturb(noise, generator))
+        x_t = self.path.perturb(x0, t, self.perturb(noise, generator))
         return F.mse_loss(self.net(x_t, t.float(), cond), self.target(x0, t, noise))
 
     # --- the VE-form denoiser ------------------------------------------------------------------
@@ -163,12 +165,6 @@ class DDPM(DiffusionModule):
             return out
         # v = sqrt(abar) eps - sqrt(1 - abar) x0  =>  x0 = sqrt(abar) x_VP - sqrt(1 - abar) v
         return bcast(scale, x) * x_vp - bcast(sigma * scale, x) * out
-
-    def prior_std(self, sigma: float) -> float:
-        return (1 + sigma**2) ** 0.5  # x_T ~ N(0, I) in VP coordinates is x_T / sqrt(abar_T)
-
-    def to_ve(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        return x * (1 + sigma**2) ** 0.5
 
     def check_spacing(self, spacing: str, setting: str) -> None:
         """Karras' rho = 7 spacing is dense where sigma is large; with a top level of 2e4 (cosine, T = 1000) it puts 13

@@ -5,7 +5,8 @@ VE form x_t / alpha = x0 + (sigma / alpha) n and its inverse in t (`ve_sigma`, `
 x_t (`perturb`), and in VE terms the scale between the two coordinates (`mean_scale`, `to_ve`, `from_ve`) and the
 prior's std (`prior_ve_std`). The base's hooks (`to_ve`, `prior_std`, `likelihood_bounds`) read `module.path`, so a
 method on a path writes none of them, and a new interpolant is one class here and one config: `model.path=cosine`
-on flow matching is `CosinePath` and nothing else. The score SDEs (`lightning_modules/sde.py`) are paths too.
+on flow matching is `CosinePath` and nothing else. The score SDEs (`lightning_modules/sde.py`) are paths too, DDPM
+runs on `DiscreteVPPath` over its table, and the VE methods on the base's default `VEPath`.
 
 Times t are (B,) tensors; VE levels given as Python floats come back as floats (float64 arithmetic).
 """
@@ -130,6 +131,61 @@ class CosinePath(AffinePath):
         return torch.atan(sigma) * (2 / math.pi)
 
 
+class VEPath(AffinePath):
+    """The variance-exploding path, alpha = 1, sigma = t: its own coordinates are the VE form (NCSN, EDM, the
+    consistency models; the base's default). t is sigma itself, on [0, inf)."""
+
+    T = math.inf
+
+    def marginal(self, t):
+        return torch.ones_like(t), t
+
+    def d_marginal(self, t):
+        return torch.zeros_like(t), torch.ones_like(t)
+
+    def t_of_ve_sigma(self, sigma):
+        return sigma
+
+    def mean_scale(self, sigma: float) -> float:
+        return 1.0
+
+    def to_ve(self, x, sigma):
+        return x
+
+    def from_ve(self, x, sigma):
+        return x
+
+    def prior_ve_std(self, sigma: float) -> float:
+        return sigma  # the VE prior at the top level is N(0, sigma_max^2)
+
+
+class DiscreteVPPath(AffinePath):
+    """DDPM's variance-preserving path on its trained table: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) n, so
+    sigma_VE^2 = (1 - abar) / abar and alpha = 1 / sqrt(1 + sigma_VE^2) at any level (written in closed form). Its
+    time is the (fractional) step index, read from the table by the method (`DDPM.level_of`)."""
+
+    def __init__(self, schedule):
+        self.schedule = schedule
+
+    def mean_scale(self, sigma: float) -> float:
+        return (1 + sigma**2) ** -0.5
+
+    def to_ve(self, x, sigma):
+        if torch.is_tensor(sigma) and sigma.ndim == 1:
+            return x * bcast(torch.sqrt(1 + sigma.double() ** 2), x)
+        return x * (1 + sigma**2) ** 0.5
+
+    def from_ve(self, x, sigma):
+        return x * bcast(torch.rsqrt(1 + sigma.double() ** 2), x)
+
+    def prior_ve_std(self, sigma: float) -> float:
+        return (1 + sigma**2) ** 0.5  # x_T ~ N(0, I) in VP coordinates is x_T / sqrt(abar_T)
+
+    def perturb(self, x0, t, noise):
+        return self.schedule.q_sample(x0, t, noise)
+
+
+VE_PATH = VEPath()
 PATHS = {"linear": LinearPath, "cosine": CosinePath}
 
 

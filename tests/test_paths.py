@@ -64,3 +64,26 @@ def test_the_cosine_path_preserves_variance_and_spans_all_noise_levels():
 def test_an_unknown_path_is_one_line():
     with pytest.raises(ConfigError, match=r"model.path='cosin' is not a path: use one of linear, cosine"):
         make_path("cosin")
+
+
+def test_the_ve_path_is_the_identity_and_ddpms_path_reads_its_table():
+    """VE methods' coordinates are the VE form; DDPM's path converts with alpha = 1 / sqrt(1 + sigma^2), which on
+    its trained levels is sqrt(abar_t), and its training draw is the table's q_sample."""
+    from functools import partial
+
+    from lightning_modules.ddpm import DDPM
+    from lightning_modules.nets import MLP
+    from lightning_modules.paths import VE_PATH
+
+    x = torch.randn(5, 2, dtype=torch.float64)
+    assert VE_PATH.to_ve(x, 3.0) is x and VE_PATH.prior_ve_std(3.0) == 3.0 and VE_PATH.mean_scale(3.0) == 1.0
+    ddpm = DDPM(MLP((2,), hidden=8, depth=1), partial(torch.optim.Adam), data_shape=(2,), num_timesteps=50)
+    abar = ddpm.schedule.alphas_cumprod.double()
+    sigma = ((1 - abar) / abar).sqrt()
+    for t in (0, 17, 49):
+        assert ddpm.path.mean_scale(float(sigma[t])) == pytest.approx(float(abar[t].sqrt()), rel=1e-12)
+        assert ddpm.prior_std(float(sigma[t])) == pytest.approx(float(1 / abar[t].sqrt()), rel=1e-12)
+    s = sigma[[3, 40, 12, 0, 49]]
+    torch.testing.assert_close(ddpm.path.from_ve(ddpm.path.to_ve(x, s), s), x)
+    t, noise = torch.tensor([0, 10, 20, 30, 49]), torch.randn(5, 2)
+    torch.testing.assert_close(ddpm.path.perturb(x.float(), t, noise), ddpm.schedule.q_sample(x.float(), t, noise), rtol=0, atol=0)
