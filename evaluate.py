@@ -208,7 +208,8 @@ def execution_tag(cfg: DictConfig) -> str:
     """A file-name suffix for a strategy or delay other than the default, so their results sit side by side."""
     if cfg.execution == "receding" and not cfg.inference_delay:
         return ""
-    return f"_{cfg.execution}_delay{cfg.inference_delay}" + (f"_m{cfg.ensemble_m}" if cfg.execution == "temporal_ensemble" else "")
+    extra = {"temporal_ensemble": f"_m{cfg.ensemble_m}", "bid": f"_n{cfg.bid_samples}"}.get(cfg.execution, "")
+    return f"_{cfg.execution}_delay{cfg.inference_delay}{extra}"
 
 
 def evaluate_policy_checkpoint(cfg: DictConfig, device: str) -> dict:
@@ -217,7 +218,8 @@ def evaluate_policy_checkpoint(cfg: DictConfig, device: str) -> dict:
     from envs.runner import evaluate_policy
 
     fixes = sampling_options(cfg)
-    execution = {"execution": cfg.execution, "inference_delay": cfg.inference_delay, "ensemble_m": cfg.ensemble_m}
+    execution = {"execution": cfg.execution, "inference_delay": cfg.inference_delay, "ensemble_m": cfg.ensemble_m,
+                 "bid_samples": cfg.bid_samples, "bid_weak_ckpt": cfg.bid_weak_ckpt}
     policy, datamodule = load_policy(cfg.ckpt_path, cfg.sampler, cfg.steps, cfg.n_action_steps, device, cfg.seed,
                                      execution=execution, **fixes)
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"{Path(cfg.ckpt_path).stem}_policy_{policy.sampler or getattr(policy.module, 'sampler', 'default')}_{policy.nfe}nfe{sampling_tag(cfg)}{execution_tag(cfg)}.json"

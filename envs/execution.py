@@ -6,7 +6,11 @@ plan (`due`), and what to execute at each step from the chunks it was given (`ac
 
 - `receding` (Diffusion Policy's): plan every n_action_steps and execute the newest chunk;
 - `temporal_ensemble` (ACT's): plan every step and execute the average of every chunk that covers the step, the
-  oldest weighted most, w_i = exp(-m i) (i = 0 for the oldest prediction; m = 0 is the plain mean).
+  oldest weighted most, w_i = exp(-m i) (i = 0 for the oldest prediction; m = 0 is the plain mean);
+- `bid` (bidirectional decoding, Liu et al. 2025): receding, but each plan draws N candidate chunks and keeps the
+  one that minimises backward coherence with the chunk it replaces (sum over the overlapping steps of
+  rho^k ||c_k - previous_k||^2) plus forward contrast (mean squared distance to the other N - 1 candidates minus
+  that to N samples of a weaker policy: close to the strong policy's mode, away from the weak one's).
 
 Inference delay `d` (steps): a plan made from the observation of step t arrives at step t + d; until then the
 previous chunk keeps running, and the new chunk's first d actions, for steps already gone, are dropped. Receding
@@ -23,26 +27,32 @@ import numpy as np
 
 from difflab.errors import ConfigError
 
-STRATEGIES = ("receding", "temporal_ensemble")
+STRATEGIES = ("receding", "temporal_ensemble", "bid")
 
 
 class Executor:
     """Per episode of a batch: the chunks planned so far, and the executed actions (for the smoothness figures)."""
 
-    def __init__(self, strategy: str, n_action_steps: int, chunk_length: int, delay: int = 0, m: float = 0.01):
+    def __init__(self, strategy: str, n_action_steps: int, chunk_length: int, delay: int = 0, m: float = 0.01,
+                 samples: int = 8, decay: float = 0.5, weak: bool = False):
         if strategy not in STRATEGIES:
             raise ConfigError(f"execution={strategy!r} is not a strategy: use one of {', '.join(STRATEGIES)}")
         if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
             raise ConfigError(f"inference_delay={delay} is not valid: a whole number of steps >= 0")
         if m < 0:
             raise ConfigError(f"ensemble_m={m} is not valid: m >= 0 (ACT's weights exp(-m i); 0 is the plain mean)")
-        every = n_action_steps if strategy == "receding" else 1
+        if strategy == "bid" and (samples < 2 or not weak):
+            raise ConfigError("execution=bid needs N >= 2 candidates (bid_samples) and a weaker policy to contrast them with: "
+                              f"pass bid_weak_ckpt=PATH (an early checkpoint of the same run), got bid_samples={samples}"
+                              + ("" if weak else " and no bid_weak_ckpt"))
+        every = 1 if strategy == "temporal_ensemble" else n_action_steps
         if every + delay > chunk_length:
             raise ConfigError(f"inference_delay={delay} with {every} action(s) executed per plan needs {every + delay} actions "
                               f"of each chunk, but the policy's chunk has {chunk_length} (its horizon minus n_obs_steps - 1): "
                               f"lower inference_delay to at most {chunk_length - every}" +
-                              (" or n_action_steps" if strategy == "receding" else ""))
+                              (" or n_action_steps" if strategy != "temporal_ensemble" else ""))
         self.strategy, self.every, self.length, self.delay, self.m = strategy, int(every), int(chunk_length), int(delay), float(m)
+        self.samples, self.decay = int(samples), float(decay)
         self.reset(0)
 
     def reset(self, batch: int) -> None:
@@ -58,6 +68,37 @@ class Executor:
             return True
         return (step + self.delay) % self.every == 0
 
+    def plan(self, plan, history, episodes: list[int], step: int, weak=None) -> None:
+        """Plan for `episodes` (one history row each) at `step`: plan(history) -> (B, L, A) chunks; with bid, N
+        candidates per episode from `plan` and N from `weak`, and the selected one is added."""
+        if self.strategy != "bid":
+            for j, chunk in enumerate(plan(history)):
+                self.add(episodes[j], step, chunk)
+            return
+        repeat = (lambda h: {k: np.repeat(v, self.samples, axis=0) for k, v in h.items()}) if isinstance(history, dict) \
+            else (lambda h: np.repeat(h, self.samples, axis=0))
+        strong = plan(repeat(history)).reshape(len(episodes), self.samples, self.length, -1)
+        weak_samples = weak(repeat(history)).reshape(len(episodes), self.samples, self.length, -1)
+        for j, i in enumerate(episodes):
+            self.add(i, step, strong[j, self.bid_pick(i, step, strong[j], weak_samples[j])])
+
+    def bid_pick(self, episode: int, step: int, candidates: np.ndarray, weak: np.ndarray) -> int:
+        """The candidate (N, L, A) with the least backward coherence + forward contrast loss."""
+        c = candidates.astype(np.float64)
+        n = len(c)
+        loss = np.zeros(n)
+        if self.chunks[episode]:  # backward: against the previous decision on the steps both chunks plan
+            planned, _, prev = self.chunks[episode][-1]
+            overlap = self.length - (step - planned)
+            if overlap > 0:
+                w = self.decay ** np.arange(overlap)
+                diff = c[:, :overlap] - prev[None, step - planned :].astype(np.float64)
+                loss += (w[None, :] * (diff**2).sum(-1)).sum(-1)
+        pair = ((c[:, None] - c[None, :]) ** 2).sum((-1, -2))  # (N, N), zero on the diagonal
+        to_weak = ((c[:, None] - weak.astype(np.float64)[None]) ** 2).sum((-1, -2))
+        loss += pair.sum(1) / (n - 1) - to_weak.mean(1)
+        return int(np.argmin(loss))
+
     def add(self, episode: int, step: int, chunk: np.ndarray) -> None:
         """A chunk planned from the observation of `step`: (L, action_dim), its row k for step `step + k`."""
         if chunk.shape[0] != self.length:
@@ -71,7 +112,7 @@ class Executor:
         live = [(planned, c) for planned, arrival, c in self.chunks[episode] if arrival <= step and step - planned < self.length]
         if not live:
             raise RuntimeError(f"no chunk covers step {step}: plan before stepping (the executor's `due`)")
-        if self.strategy == "receding":
+        if self.strategy != "temporal_ensemble":  # receding, bid: the newest chunk
             planned, chunk = live[-1]
             out = chunk[step - planned]
         else:
@@ -88,6 +129,6 @@ class Executor:
         at the steps where a new chunk took over (receding) or every step (ensembling)."""
         a = np.asarray(self.executed[episode], dtype=np.float64)
         jerk = float(np.mean(np.sum(np.diff(a, n=3, axis=0) ** 2, axis=1))) if len(a) > 3 else 0.0
-        steps = [s for s in self.arrivals[episode] if 0 < s < len(a)] if self.strategy == "receding" else list(range(1, len(a)))
+        steps = [s for s in self.arrivals[episode] if 0 < s < len(a)] if self.strategy != "temporal_ensemble" else list(range(1, len(a)))
         jump = float(np.mean([np.linalg.norm(a[s] - a[s - 1]) for s in steps])) if steps else 0.0
         return {"jerk": jerk, "boundary_jump": jump}

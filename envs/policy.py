@@ -12,7 +12,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from difflab.errors import CheckpointError
+from difflab.errors import CheckpointError, ConfigError
 from difflab.normalizer import MinMaxNormalizer
 from envs.execution import Executor
 
@@ -38,6 +38,8 @@ class Policy:
         execution: str = "receding",
         inference_delay: int = 0,
         ensemble_m: float = 0.01,
+        bid_samples: int = 8,
+        bid_weak: "Policy | None" = None,
     ):
         self.module = module.eval()
         self.task = task
@@ -56,6 +58,7 @@ class Policy:
         self.generator = torch.Generator(device=module.device).manual_seed(seed)
         # envs.execution: how chunks become executed actions (receding horizon, temporal ensembling), with delay
         self.execution, self.inference_delay, self.ensemble_m = execution, inference_delay, ensemble_m
+        self.bid_samples, self.bid_weak = bid_samples, bid_weak  # bid: candidates per plan, the weaker policy
         self.executor()  # refuses bad settings now, in one line
         self.reset()
 
@@ -66,7 +69,15 @@ class Policy:
         return self.horizon - self.n_obs_steps + 1
 
     def executor(self) -> Executor:
-        return Executor(self.execution, self.n_action_steps, self.chunk_length, self.inference_delay, self.ensemble_m)
+        if self.bid_weak is not None and (self.bid_weak.chunk_length, self.bid_weak.obs_dims) != (self.chunk_length, self.obs_dims):
+            raise ConfigError(f"bid_weak_ckpt plans chunks of {self.bid_weak.chunk_length} actions from {self.bid_weak.obs_dims}, "
+                              f"this policy {self.chunk_length} from {self.obs_dims}: the weak policy must be of the same task and horizons")
+        return Executor(self.execution, self.n_action_steps, self.chunk_length, self.inference_delay, self.ensemble_m,
+                        self.bid_samples, weak=self.bid_weak is not None)
+
+    @property
+    def weak_plan(self):
+        return None if self.bid_weak is None else self.bid_weak.plan
 
     @classmethod
     def from_spec(cls, module, spec: dict, n_action_steps: int | None = None, **kwargs) -> "Policy":
@@ -168,8 +179,7 @@ class Policy:
             recent = list(self._history)
             low = np.stack([o["__low"] for o in recent], axis=1)  # (B, n_obs_steps, obs_dim)
             history = {"low_dim": low, **{k: np.stack([o[k] for o in recent], axis=1) for k in self.image_shapes}} if self.image_shapes else low
-            for b, chunk in enumerate(self.plan(history)):  # (B, chunk_length, action_dim)
-                self._executor.add(b, self._step, chunk)
+            self._executor.plan(self.plan, history, list(range(self._executor.batch)), self._step, self.weak_plan)
         action = np.stack([self._executor.action(b, self._step) for b in range(self._executor.batch)])
         self._step += 1
         return action if batched else action[0]
@@ -268,7 +278,8 @@ def load_policy(path, sampler: str | None = None, steps: int | None = None, n_ac
     datamodule (not set up, no data read) is returned for its `unnormalize`/`render` (None when it cannot be built
     without its data, e.g. a LeRobot folder that is not on this machine: the policy does not need it).
     sample_kwargs go to every `module.sample` call (e.g. eps_scale=1.01 for a DDPM-family policy); `execution`
-    ({execution, inference_delay, ensemble_m}) picks how chunks are executed (envs.execution)."""
+    ({execution, inference_delay, ensemble_m, bid_samples, bid_weak_ckpt}) picks how chunks are executed
+    (envs.execution)."""
     from hydra.utils import get_class
 
     from difflab.errors import MissingFileError
@@ -295,6 +306,10 @@ def load_policy(path, sampler: str | None = None, steps: int | None = None, n_ac
     if spec is None:
         raise CheckpointError(f"{path} has no policy entry and its data are not here to rebuild the normalizers from")
     module.check_sampling(sampler, steps=steps, **sample_kwargs)
+    execution = dict(execution or {})
+    weak_path = execution.pop("bid_weak_ckpt", None)
+    if weak_path:  # bidirectional decoding's weaker policy: its own sampler defaults, another noise stream
+        execution["bid_weak"], _ = load_policy(weak_path, None, None, n_action_steps, device, seed + 1)
     policy = Policy.from_spec(module, spec, n_action_steps=n_action_steps, sampler=sampler, steps=steps, seed=seed,
                               sample_kwargs=sample_kwargs, **(execution or {}))
     if datamodule is not None:

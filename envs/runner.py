@@ -50,10 +50,9 @@ def run_episodes(policy, make_env: Callable, seeds: list[int], max_steps: int | 
                 break
             if executor.due(step):
                 stack_batch = getattr(policy, "stack_batch", None)  # a Policy; anything with stack/act also runs
-                chunks = plan(stack_batch([histories[i] for i in active]) if stack_batch else
-                              np.stack([policy.stack(list(histories[i])) for i in active]))
-                for j, i in enumerate(active):
-                    executor.add(i, step, chunks[j])
+                history = (stack_batch([histories[i] for i in active]) if stack_batch else
+                           np.stack([policy.stack(list(histories[i])) for i in active]))
+                executor.plan(plan, history, active, step, getattr(policy, "weak_plan", None))
             for i in active:
                 r = results[i]
                 obs, reward, done, info = envs[i].step(executor.action(i, step))
@@ -99,16 +98,23 @@ def summarize(results: list[dict]) -> dict:
 
 
 def chunk_latency(policy, make_env: Callable, seed: int = 0, repeats: int = 10) -> float:
-    """Median seconds for one action chunk at batch 1 (what a robot waits for), after one warm-up call."""
+    """Median seconds for one plan at batch 1 (what a robot waits for), after one warm-up call: one chunk, or with
+    bidirectional decoding all its candidates and the weak policy's."""
     env = make_env()
     obs = env.reset(seed=seed)
     env.close()
     history = [obs] * policy.n_obs_steps
-    policy.act(history)
+    if hasattr(policy, "executor"):
+        executor, batch = policy.executor(), policy.stack_batch([history])
+        executor.reset(1)
+        plan = lambda: executor.plan(policy.plan, batch, [0], 0, policy.weak_plan)  # noqa: E731
+    else:
+        plan = lambda: policy.act(history)  # noqa: E731
+    plan()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        policy.act(history)
+        plan()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 

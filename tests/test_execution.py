@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 import pytest
 
 from difflab.errors import ConfigError
@@ -110,3 +111,56 @@ def test_smoothness_figures():
 def test_bad_execution_settings_are_one_line(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         policy(**kwargs)
+
+
+def test_bid_picks_the_candidate_with_the_least_coherence_plus_contrast_loss():
+    ex = Executor("bid", n_action_steps=2, chunk_length=3, samples=3, decay=0.5, weak=True)
+    ex.reset(1)
+    ex.add(0, 0, np.array([[0.0], [1.0], [2.0]]))  # the previous decision: steps 0, 1, 2
+    ex.action(0, 0), ex.action(0, 1)
+    candidates = np.array([[[1.9], [5.0], [5.0]], [[2.0], [3.0], [4.0]], [[0.0], [3.0], [4.0]]])
+    weak = np.array([[[1.9], [5.0], [5.0]]] * 3)  # the weak policy agrees with candidate 0: contrast pushes away from it
+
+    def by_hand(c):
+        backward = (c[0, 0] - 2.0) ** 2  # step 2 is the one both plan (rho^0)
+        contrast = np.mean([((c - d) ** 2).sum() for d in candidates if not np.array_equal(d, c)]) - np.mean(
+            [((c - w) ** 2).sum() for w in weak])
+        return backward + contrast
+
+    want = int(np.argmin([by_hand(c) for c in candidates]))
+    assert ex.bid_pick(0, 2, candidates, weak) == want == 1
+    # with nothing planned before (the episode's first plan) coherence drops out, and candidate 2 wins
+    ex.reset(1)
+    assert ex.bid_pick(0, 0, candidates, weak) == int(np.argmin([by_hand(c) - (c[0, 0] - 2.0) ** 2 for c in candidates])) == 2
+
+
+class NoisyModule(ScriptedModule):
+    """The scripted chunk plus the generator's noise, so repeated rows give distinct candidates."""
+
+    def sample(self, num_samples, cond=None, sampler=None, steps=None, generator=None):
+        base = super().sample(num_samples, cond)
+        return base + torch.randn(base.shape, generator=generator)
+
+
+def test_bid_executes_the_same_actions_in_the_runner_and_select_action():
+    def make(seed):
+        weak = Policy(NoisyModule(), MinMaxNormalizer(-np.ones(2), np.ones(2)), identity(), ["pos"], {"pos": 2}, N_OBS, HORIZON, 4, seed=7)
+        return Policy(NoisyModule(), MinMaxNormalizer(-np.ones(2), np.ones(2)), identity(), ["pos"], {"pos": 2}, N_OBS, HORIZON, 4,
+                      seed=seed, execution="bid", bid_samples=4, bid_weak=weak)
+
+    env = CountingEnv()
+    pol = make(1)
+    run_episodes(pol, lambda: env, [2])
+    executed = np.stack(env.actions)
+    pol, env2 = make(1), CountingEnv()
+    obs, done, stepped = env2.reset(2), False, []
+    while not done:
+        stepped.append(pol.select_action(obs))
+        obs, _, done, _ = env2.step(stepped[-1])
+    np.testing.assert_array_equal(np.stack(stepped), executed)
+    assert len(pol.module.calls) == 3 and pol.module.calls[0].shape[0] == 4  # 4 candidates a plan, 12 steps
+
+
+def test_bid_without_a_weak_policy_is_refused():
+    with pytest.raises(ConfigError, match=r"execution=bid needs .* pass bid_weak_ckpt=PATH"):
+        policy(execution="bid")
