@@ -219,7 +219,7 @@ def evaluate_policy_checkpoint(cfg: DictConfig, device: str) -> dict:
 
     fixes = sampling_options(cfg)
     execution = {"execution": cfg.execution, "inference_delay": cfg.inference_delay, "ensemble_m": cfg.ensemble_m,
-                 "bid_samples": cfg.bid_samples, "bid_weak_ckpt": cfg.bid_weak_ckpt}
+                 "bid_samples": cfg.bid_samples, "bid_weak_ckpt": cfg.bid_weak_ckpt, "rtc_max_guidance": cfg.rtc_max_guidance}
     policy, datamodule = load_policy(cfg.ckpt_path, cfg.sampler, cfg.steps, cfg.n_action_steps, device, cfg.seed,
                                      execution=execution, **fixes)
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"{Path(cfg.ckpt_path).stem}_policy_{policy.sampler or getattr(policy.module, 'sampler', 'default')}_{policy.nfe}nfe{sampling_tag(cfg)}{execution_tag(cfg)}.json"

@@ -10,7 +10,10 @@ plan (`due`), and what to execute at each step from the chunks it was given (`ac
 - `bid` (bidirectional decoding, Liu et al. 2025): receding, but each plan draws N candidate chunks and keeps the
   one that minimises backward coherence with the chunk it replaces (sum over the overlapping steps of
   rho^k ||c_k - previous_k||^2) plus forward contrast (mean squared distance to the other N - 1 candidates minus
-  that to N samples of a weaker policy: close to the strong policy's mode, away from the weak one's).
+  that to N samples of a weaker policy: close to the strong policy's mode, away from the weak one's);
+- `rtc` (real-time chunking, Black et al. 2025): receding, but each chunk is sampled with soft-masked inpainting
+  guidance toward the previous chunk's actions on the steps both plan (samplers.inpainting): fully on the d steps
+  that execute while it is computed, decaying over the rest of the overlap. Denoiser methods only; no retraining.
 
 Inference delay `d` (steps): a plan made from the observation of step t arrives at step t + d; until then the
 previous chunk keeps running, and the new chunk's first d actions, for steps already gone, are dropped. Receding
@@ -27,7 +30,7 @@ import numpy as np
 
 from difflab.errors import ConfigError
 
-STRATEGIES = ("receding", "temporal_ensemble", "bid")
+STRATEGIES = ("receding", "temporal_ensemble", "bid", "rtc")
 
 
 class Executor:
@@ -71,6 +74,10 @@ class Executor:
     def plan(self, plan, history, episodes: list[int], step: int, weak=None) -> None:
         """Plan for `episodes` (one history row each) at `step`: plan(history) -> (B, L, A) chunks; with bid, N
         candidates per episode from `plan` and N from `weak`, and the selected one is added."""
+        if self.strategy == "rtc":
+            for j, chunk in enumerate(plan(history, prefixes=[self.tail(i, step) for i in episodes], delay=self.delay)):
+                self.add(episodes[j], step, chunk)
+            return
         if self.strategy != "bid":
             for j, chunk in enumerate(plan(history)):
                 self.add(episodes[j], step, chunk)
@@ -81,6 +88,13 @@ class Executor:
         weak_samples = weak(repeat(history)).reshape(len(episodes), self.samples, self.length, -1)
         for j, i in enumerate(episodes):
             self.add(i, step, strong[j, self.bid_pick(i, step, strong[j], weak_samples[j])])
+
+    def tail(self, episode: int, step: int) -> np.ndarray | None:
+        """The newest chunk's actions for `step` on (the steps a chunk planned now shares with it), or None."""
+        if not self.chunks[episode]:
+            return None
+        planned, _, prev = self.chunks[episode][-1]
+        return prev[step - planned :] if step - planned < self.length else None
 
     def bid_pick(self, episode: int, step: int, candidates: np.ndarray, weak: np.ndarray) -> int:
         """The candidate (N, L, A) with the least backward coherence + forward contrast loss."""
@@ -112,7 +126,7 @@ class Executor:
         live = [(planned, c) for planned, arrival, c in self.chunks[episode] if arrival <= step and step - planned < self.length]
         if not live:
             raise RuntimeError(f"no chunk covers step {step}: plan before stepping (the executor's `due`)")
-        if self.strategy != "temporal_ensemble":  # receding, bid: the newest chunk
+        if self.strategy != "temporal_ensemble":  # receding, bid, rtc: the newest chunk
             planned, chunk = live[-1]
             out = chunk[step - planned]
         else:

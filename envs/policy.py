@@ -40,6 +40,7 @@ class Policy:
         ensemble_m: float = 0.01,
         bid_samples: int = 8,
         bid_weak: "Policy | None" = None,
+        rtc_max_guidance: float = 5.0,
     ):
         self.module = module.eval()
         self.task = task
@@ -59,6 +60,7 @@ class Policy:
         # envs.execution: how chunks become executed actions (receding horizon, temporal ensembling), with delay
         self.execution, self.inference_delay, self.ensemble_m = execution, inference_delay, ensemble_m
         self.bid_samples, self.bid_weak = bid_samples, bid_weak  # bid: candidates per plan, the weaker policy
+        self.rtc_max_guidance = rtc_max_guidance
         self.executor()  # refuses bad settings now, in one line
         self.reset()
 
@@ -72,6 +74,10 @@ class Policy:
         if self.bid_weak is not None and (self.bid_weak.chunk_length, self.bid_weak.obs_dims) != (self.chunk_length, self.obs_dims):
             raise ConfigError(f"bid_weak_ckpt plans chunks of {self.bid_weak.chunk_length} actions from {self.bid_weak.obs_dims}, "
                               f"this policy {self.chunk_length} from {self.obs_dims}: the weak policy must be of the same task and horizons")
+        if self.execution == "rtc" and getattr(self.module, "provides", "denoiser") != "denoiser":
+            raise ConfigError(f"execution=rtc inpaints through a denoiser's Jacobian; a {type(self.module).__name__} has none: "
+                              "use it with ddpm, edm, flow_matching, ncsn or a score SDE policy (or execution=bid / "
+                              "temporal_ensemble, which take any policy)")
         return Executor(self.execution, self.n_action_steps, self.chunk_length, self.inference_delay, self.ensemble_m,
                         self.bid_samples, weak=self.bid_weak is not None)
 
@@ -242,9 +248,11 @@ class Policy:
         return self.plan(obs_history)[..., : self.n_action_steps, :]
 
     @torch.no_grad()
-    def plan(self, obs_history) -> np.ndarray:
+    def plan(self, obs_history, prefixes: list | None = None, delay: int = 0) -> np.ndarray:
         """The whole executable chunk, (chunk_length, action_dim) or batched: the action for the current step and
-        those after it (what an execution strategy chooses from); `act` keeps its first n_action_steps."""
+        those after it (what an execution strategy chooses from); `act` keeps its first n_action_steps. `prefixes`
+        (execution=rtc): per row, the previous chunk's actions from the current step on (or None), which the new
+        chunk is inpainted toward."""
         if isinstance(obs_history, (list, tuple)) and obs_history and isinstance(obs_history[0], dict):
             obs_history = self.stack(list(obs_history))
         frames = {}
@@ -264,12 +272,31 @@ class Policy:
             cond = {"low_dim": cond, **{k: torch.as_tensor(v[None] if single else v, dtype=torch.uint8).to(device) for k, v in frames.items()}}
         else:
             cond = cond.reshape(obs.shape[0], -1)
+        extra = {} if not prefixes or all(p is None for p in prefixes) else self.inpaint_options(prefixes, delay, device)
         chunk = self.module.sample(obs.shape[0], cond=cond, sampler=self.sampler, steps=self.steps, generator=self.generator,
-                                   **self.sample_kwargs)
+                                   **self.sample_kwargs, **extra)
         actions = self.action_normalizer.unnormalize(chunk.float().cpu()).numpy()
         # The chunk is aligned with the history: index n_obs_steps - 1 is the action for the current step.
         actions = actions[:, self.n_obs_steps - 1 :]
         return actions[0] if single else actions
+
+
+    def inpaint_options(self, prefixes: list, delay: int, device) -> dict:
+        """Real-time chunking's target and soft mask in the model's chunk coordinates (normalized actions; index
+        n_obs_steps - 1 is the current step)."""
+        from samplers.inpainting import rtc_weights
+
+        rows, start = len(prefixes), self.n_obs_steps - 1
+        action_dim = next(p for p in prefixes if p is not None).shape[-1]
+        target = torch.zeros(rows, self.horizon, action_dim)
+        weights = torch.zeros(rows, self.horizon, 1)
+        for b, prefix in enumerate(prefixes):
+            if prefix is None:
+                continue
+            overlap = len(prefix)
+            target[b, start : start + overlap] = self.action_normalizer.normalize(torch.as_tensor(np.asarray(prefix), dtype=torch.float32))
+            weights[b, start:, 0] = rtc_weights(self.horizon - start, delay, overlap).float()
+        return {"inpaint": (target.to(device), weights.to(device)), "rtc_max_guidance": self.rtc_max_guidance}
 
 
 def load_policy(path, sampler: str | None = None, steps: int | None = None, n_action_steps: int | None = None,

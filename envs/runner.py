@@ -107,7 +107,9 @@ def chunk_latency(policy, make_env: Callable, seed: int = 0, repeats: int = 10) 
     if hasattr(policy, "executor"):
         executor, batch = policy.executor(), policy.stack_batch([history])
         executor.reset(1)
-        plan = lambda: executor.plan(policy.plan, batch, [0], 0, policy.weak_plan)  # noqa: E731
+        executor.plan(policy.plan, batch, [0], 0, policy.weak_plan)  # a previous chunk, which rtc inpaints toward
+        later = max(1, executor.every - executor.delay)  # the step of the next plan
+        plan = lambda: executor.plan(policy.plan, batch, [0], later, policy.weak_plan)  # noqa: E731
     else:
         plan = lambda: policy.act(history)  # noqa: E731
     plan()

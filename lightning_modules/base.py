@@ -22,6 +22,7 @@ from lightning_modules.exposure_fixes import scale_eps
 from lightning_modules.paths import VE_PATH
 from samplers import grids
 from samplers.guidance import Guided
+from samplers.inpainting import Inpainted
 from samplers.likelihood import dequantize, log_likelihood
 
 VAL_SEED = 12345  # validation noise is fixed so val/loss is comparable across steps
@@ -193,6 +194,9 @@ class DiffusionModule(pl.LightningModule):
             denoiser = lambda x, sigma: self.denoise(x, sigma, cond)  # noqa: E731
         if options.get("eps_scale") is not None:
             denoiser = scale_eps(denoiser, self.eps_lambda(float(options["eps_scale"]), options))
+        if options.get("inpaint") is not None:  # real-time chunking's pull toward the previous chunk (envs.execution)
+            target, weights = options["inpaint"]
+            denoiser = Inpainted(denoiser, target, weights, float(options.get("rtc_max_guidance") or 5.0))
         return samplers.clipped(denoiser) if self.clip_denoised else denoiser
 
     def refusal(self, sampler: str) -> str | None:
@@ -234,6 +238,7 @@ class DiffusionModule(pl.LightningModule):
             raise ConfigError(f"sampler={asked} is not defined for {name}: {why}")
         allowed = self.allowed_options(sampler)
         self.check_guidance(options)
+        self.check_inpaint(options)
         for key, value in options.items():
             if value is None or key in allowed:
                 continue
@@ -256,6 +261,15 @@ class DiffusionModule(pl.LightningModule):
             if key not in known:
                 raise ConfigError(f"model.sampling.options.{key} is not an option of any sampler of {type(self).__name__} "
                                   f"(they take: {', '.join(sorted(known - {'guide', 'steps'}))}): drop it")
+
+    def check_inpaint(self, options: dict) -> None:
+        inpaint = options.get("inpaint")
+        if inpaint is not None and not (isinstance(inpaint, (tuple, list)) and len(inpaint) == 2 and all(torch.is_tensor(t) for t in inpaint)):
+            raise ConfigError("inpaint= is the (target, weights) pair that execution=rtc builds from the previous chunk; it is "
+                              "not a command-line setting: use evaluate.py execution=rtc inference_delay=d")
+        beta = options.get("rtc_max_guidance")
+        if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0):
+            raise ConfigError(f"rtc_max_guidance={beta} is not valid: a number >= 0 (real-time chunking's beta; 5 in the paper)")
 
     def check_guidance(self, options: dict) -> None:
         """guidance= / guidance_interval= need a model trained with condition dropout (its learned null condition), or
@@ -309,6 +323,7 @@ class DiffusionModule(pl.LightningModule):
         allowed = set(samplers.get(sampler).options) | set(self.method_options.get(sampler, ()))
         if self.provides == samplers.DENOISER:
             allowed.add("eps_scale")  # a wrapper of any denoiser (lightning_modules.exposure_fixes)
+            allowed |= {"inpaint", "rtc_max_guidance"}  # samplers.inpainting, set by execution=rtc
             allowed |= {"guidance", "guide", "guidance_rescale"}  # autoguidance needs no null condition (check_guidance)
             if self.null_cond is not None:
                 allowed |= set(GUIDANCE_OPTIONS)  # samplers.guidance, with the learned null condition

@@ -164,3 +164,63 @@ def test_bid_executes_the_same_actions_in_the_runner_and_select_action():
 def test_bid_without_a_weak_policy_is_refused():
     with pytest.raises(ConfigError, match=r"execution=bid needs .* pass bid_weak_ckpt=PATH"):
         policy(execution="bid")
+
+
+def test_rtc_weights_and_the_inpainting_pull_in_closed_form():
+    from samplers.inpainting import Inpainted, rtc_weights
+
+    w = rtc_weights(6, delay=2, overlap=4)
+    c = [2 / 3, 1 / 3]
+    want = [1.0, 1.0, *(x * (math.exp(x) - 1) / (math.e - 1) for x in c), 0.0, 0.0]
+    np.testing.assert_allclose(w.numpy(), want, rtol=1e-12)
+    # a linear denoiser D = a x + b: its Jacobian is a, so D' = D + sigma min(beta, (1 + sigma^2) / sigma) a W (Y - D)
+    a, b = 0.7, torch.tensor([0.3, -0.2], dtype=torch.float64)
+    x = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    target = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    weights = torch.tensor([1.0, 0.5, 0.2, 0.0], dtype=torch.float64)[None, :, None].expand(3, 4, 1)
+    sigma = torch.tensor([0.05, 1.0, 30.0], dtype=torch.float64)
+    guided = Inpainted(lambda v, s: a * v + b, target, weights, max_guidance=5.0)(x, sigma)
+    d = a * x + b
+    scale = sigma * torch.minimum(torch.full_like(sigma, 5.0), (1 + sigma**2) / sigma)
+    torch.testing.assert_close(guided, d + scale[:, None, None] * a * weights * (target - d))
+    torch.testing.assert_close(Inpainted(lambda v, s: a * v + b, target, weights)(x, torch.zeros(3, dtype=torch.float64)), d)
+
+
+class RecordingModule(ScriptedModule):
+    provides = "denoiser"
+
+    def __init__(self):
+        super().__init__()
+        self.options = []
+
+    def sample(self, num_samples, cond=None, sampler=None, steps=None, generator=None, **options):
+        self.options.append(options)
+        return super().sample(num_samples, cond)
+
+
+def test_rtc_inpaints_toward_the_previous_chunks_tail_in_model_coordinates():
+    pol = Policy(RecordingModule(), MinMaxNormalizer(-np.ones(2), np.ones(2)), MinMaxNormalizer(-np.full(2, 100.0), np.full(2, 100.0)),
+                 ["pos"], {"pos": 2}, N_OBS, HORIZON, 4, execution="rtc", inference_delay=1, rtc_max_guidance=3.0)
+    env = CountingEnv()
+    run_episodes(pol, lambda: env, [0])
+    first, second = pol.module.options[0], pol.module.options[1]
+    assert "inpaint" not in first  # nothing to inpaint toward at an episode's first plan
+    target, weights = second["inpaint"]
+    assert second["rtc_max_guidance"] == 3.0
+    # the second plan is at step 3 (arrives at 4); the first chunk planned steps 0..5 (L = 6): it shares steps 3, 4, 5
+    start = N_OBS - 1
+    # the script's chunk (step, 1000 * call + seed) is the model's normalized output; the env got it unnormalized
+    first_chunk_tail = torch.tensor([[3.0, 1000.0], [4.0, 1000.0], [5.0, 1000.0]])
+    torch.testing.assert_close(target[0, start : start + 3], first_chunk_tail)
+    np.testing.assert_allclose(np.stack(env.actions[:3]), 100 * np.array([[0, 1000], [1, 1000], [2, 1000]]))
+    from samplers.inpainting import rtc_weights
+
+    torch.testing.assert_close(weights[0, start:, 0], rtc_weights(L, 1, 3).float())
+    assert (weights[0, :start] == 0).all() and (target[0, :start] == 0).all()
+
+
+def test_rtc_on_a_policy_without_a_denoiser_is_refused():
+    module = ScriptedModule()
+    module.provides = "direct"
+    with pytest.raises(ConfigError, match="execution=rtc inpaints through a denoiser's Jacobian; a ScriptedModule has none"):
+        Policy(module, MinMaxNormalizer(-np.ones(2), np.ones(2)), identity(), ["pos"], {"pos": 2}, N_OBS, HORIZON, 4, execution="rtc")
