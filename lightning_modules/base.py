@@ -244,7 +244,7 @@ class DiffusionModule(pl.LightningModule):
                 continue
             takers = [s for s in self.samplers() if key in self.allowed_options(s)]
             hint = f"it applies to sampler={' / '.join(takers)}" if takers else f"no sampler of {name} takes it"
-            shown = sorted(allowed - {"guide"})  # a model, given as guide_ckpt= on the command line
+            shown = sorted(allowed - {"guide", "inpaint"})  # a model (guide_ckpt=) and execution=rtc's tensors
             raise ConfigError(f"{key}= is not an option of {name}'s sampler={asked} (it takes: "
                               f"{', '.join(shown) or 'nothing'}); {hint}: drop {key}=")
         return sampler
@@ -260,7 +260,7 @@ class DiffusionModule(pl.LightningModule):
         for key in self.sampling_options:
             if key not in known:
                 raise ConfigError(f"model.sampling.options.{key} is not an option of any sampler of {type(self).__name__} "
-                                  f"(they take: {', '.join(sorted(known - {'guide', 'steps'}))}): drop it")
+                                  f"(they take: {', '.join(sorted(known - {'guide', 'steps', 'inpaint'}))}): drop it")
 
     def check_inpaint(self, options: dict) -> None:
         inpaint = options.get("inpaint")

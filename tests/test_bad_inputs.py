@@ -126,7 +126,7 @@ CASES = [
     ("sample_batch_zero", "sample.py", ["ckpt_path={toy}", "batch_size=0"], 2, r"batch_size=0 is not valid"),
     ("sample_plus_model", "sample.py", ["ckpt_path={ncsn}", "+model=ddpm"], 2, r"sample\.py does not use 'model': the method and its settings come from the checkpoint"),
     ("sample_eta_2m", "sample.py", ["ckpt_path={toy}", "sampler=dpmpp_2m", "eta=0.5"], 2, r"eta= is not an option of DDPM's sampler=dpmpp_2m \(it takes: .*\); it applies to sampler=ddim: drop eta="),
-    ("sample_steps_ancestral", "sample.py", ["ckpt_path={toy}", "sampler=ancestral", "steps=10"], 2, r"steps= is not an option of DDPM's sampler=ancestral \(it takes: eps_scale, eps_scale_schedule, eps_scale_slope, guidance, guidance_rescale, time_shift_cutoff, time_shift_data_var, time_shift_window, variance\)"),
+    ("sample_steps_ancestral", "sample.py", ["ckpt_path={toy}", "sampler=ancestral", "steps=10"], 2, r"steps= is not an option of DDPM's sampler=ancestral \(it takes: eps_scale, eps_scale_schedule, eps_scale_slope, guidance, guidance_rescale, rtc_max_guidance, time_shift_cutoff, time_shift_data_var, time_shift_window, variance\)"),
     ("sample_unknown_sampler", "sample.py", ["ckpt_path={toy}", "sampler=heunn"], 2, r"sampler='heunn' is not a sampler: use one of euler, heun, .* \(for DDPM\)"),
     ("sample_undefined_sampler", "sample.py", ["ckpt_path={toy}", "sampler=cm"], 2, r"sampler=cm is not defined for DDPM: cm needs a consistency function"),
     ("sample_ncsn_spacing", "sample.py", ["ckpt_path={ncsn}", "ddim_spacing=quadratic"], 2, r"ddim_spacing= is not an option of NCSN's sampler=annealed_langevin .*; no sampler of NCSN takes it"),
