@@ -206,10 +206,11 @@ def evaluate_exposure_bias(cfg: DictConfig, module, ckpt, datamodule, device: st
 
 def execution_tag(cfg: DictConfig) -> str:
     """A file-name suffix for a strategy or delay other than the default, so their results sit side by side."""
-    if cfg.execution == "receding" and not cfg.inference_delay:
+    if cfg.execution == "receding" and not cfg.inference_delay and not cfg.perturb:
         return ""
     extra = {"temporal_ensemble": f"_m{cfg.ensemble_m}", "bid": f"_n{cfg.bid_samples}"}.get(cfg.execution, "")
-    return f"_{cfg.execution}_delay{cfg.inference_delay}{extra}"
+    pushed = f"_perturb{cfg.perturb}" if cfg.perturb else ""
+    return f"_{cfg.execution}_delay{cfg.inference_delay}{extra}{pushed}"
 
 
 def evaluate_policy_checkpoint(cfg: DictConfig, device: str) -> dict:
@@ -222,6 +223,9 @@ def evaluate_policy_checkpoint(cfg: DictConfig, device: str) -> dict:
                  "bid_samples": cfg.bid_samples, "bid_weak_ckpt": cfg.bid_weak_ckpt, "rtc_max_guidance": cfg.rtc_max_guidance}
     policy, datamodule = load_policy(cfg.ckpt_path, cfg.sampler, cfg.steps, cfg.n_action_steps, device, cfg.seed,
                                      execution=execution, **fixes)
+    if cfg.perturb:
+        policy.env_options = {"perturb": float(cfg.perturb)}
+        policy.make_env().close()  # an environment without pushes refuses perturb= now, in one line
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"{Path(cfg.ckpt_path).stem}_policy_{policy.sampler or getattr(policy.module, 'sampler', 'default')}_{policy.nfe}nfe{sampling_tag(cfg)}{execution_tag(cfg)}.json"
     video_dir = out.parent / f"{out.stem}_videos" if cfg.render else None
     result = evaluate_policy(policy, cfg.num_episodes, cfg.first_seed, cfg.max_steps,

@@ -61,6 +61,7 @@ class Policy:
         self.execution, self.inference_delay, self.ensemble_m = execution, inference_delay, ensemble_m
         self.bid_samples, self.bid_weak = bid_samples, bid_weak  # bid: candidates per plan, the weaker policy
         self.rtc_max_guidance = rtc_max_guidance
+        self.env_options: dict = {}  # settings of the environment make_env builds (Push-T's perturb=)
         self.executor()  # refuses bad settings now, in one line
         self.reset()
 
@@ -114,7 +115,7 @@ class Policy:
 
         if not self.task:
             raise ValueError("this policy names no task, so it cannot build its environment: pass make_env to the runner")
-        return make_env(self.task, render_size, cameras=bool(self.image_shapes))
+        return make_env(self.task, render_size, cameras=bool(self.image_shapes), **self.env_options)
 
     @property
     def nfe(self) -> int | None:

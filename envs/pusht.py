@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from difflab.errors import ConfigError
+
 # The paper's 9 keypoints of the T, fixed in the block's body frame (pixels, origin = the body
 # origin that the state's block x, y refer to). gym-pusht's own keypoints are the T's 8 corners, so
 # these were fitted once from pusht_cchi_v7_replay.zarr: kp_local = R(-theta) (keypoint - block_xy)
@@ -68,7 +70,7 @@ class PushTEnv:
     action_dim: int = 2
     max_steps: int = 300  # the paper's episode limit; the runner counts steps, this class does not
 
-    def __init__(self, render_size: int = 96, cameras: bool = False) -> None:
+    def __init__(self, render_size: int = 96, cameras: bool = False, perturb: float = 0.0, perturb_speed: float = 200.0) -> None:
         os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")  # pygame prints a banner on import
         try:
             from gym_pusht.envs.pusht import PushTEnv as _GymPushT
@@ -76,8 +78,15 @@ class PushTEnv:
             raise ImportError(
                 'Push-T needs gym-pusht: pip install gym-pusht (or pip install -e ".[pusht]")'
             ) from e
+        if not 0.0 <= perturb <= 1.0 or perturb_speed < 0:
+            raise ConfigError(f"perturb={perturb} is the chance per step of a push on the block, in [0, 1]; "
+                              f"perturb_speed={perturb_speed} (px/s) must be >= 0")
         self.render_size = render_size
         self.cameras = bool(cameras)
+        # The disturbed Push-T (BID's dynamic setting): at each step, with probability `perturb`, the block gets a kick
+        # of speed `perturb_speed` in a random direction, drawn from the episode's seed so a run repeats.
+        self.perturb, self.perturb_speed = float(perturb), float(perturb_speed)
+        self._rng = np.random.default_rng(0)
         self.image_shapes: dict[str, tuple[int, int, int]] = {"image": (3, 96, 96)} if self.cameras else {}
         # Built directly rather than through gym.make, whose TimeLimit/checker wrappers we do not want.
         self._env = _GymPushT(
@@ -112,13 +121,20 @@ class PushTEnv:
             s[2:4] = _reset_block_xy(s)
             options = {"reset_to_state": s}
         obs, _ = self._env.reset(seed=seed, options=options)
+        self._rng = np.random.default_rng([int(seed), 0x50757368])
         return self._obs(obs)
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, dict[str, Any]]:
         """Absolute agent target (x, y) in pixels -> (obs, reward, done, info); done = success."""
         action = np.asarray(action, dtype=np.float64).reshape(2)
+        pushed = bool(self.perturb) and self._rng.random() < self.perturb
+        if pushed:
+            angle = self._rng.uniform(0.0, 2 * np.pi)
+            block = self._env.block
+            block.velocity = (block.velocity[0] + self.perturb_speed * np.cos(angle),
+                              block.velocity[1] + self.perturb_speed * np.sin(angle))
         obs, reward, terminated, _, info = self._env.step(action)
-        info = {"is_success": bool(info["is_success"]), "coverage": float(info["coverage"])}
+        info = {"is_success": bool(info["is_success"]), "coverage": float(info["coverage"]), "pushed": pushed}
         return self._obs(obs), float(reward), bool(terminated), info
 
     def render(self) -> np.ndarray:

@@ -147,6 +147,7 @@ def evaluate_policy(policy, num_episodes: int, seed: int, max_steps: int | None 
         "n_action_steps": policy.n_action_steps,
         "execution": getattr(policy, "execution", "receding"),
         "inference_delay": getattr(policy, "inference_delay", 0),
+        "env_options": dict(getattr(policy, "env_options", {})),
         "latency_per_chunk_s": round(chunk_latency(policy, make_env, seed), 5),
         "rollout_seconds": round(seconds, 1),
         "per_episode": [{k: v for k, v in r.items() if k != "frames"} for r in results],

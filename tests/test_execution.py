@@ -224,3 +224,30 @@ def test_rtc_on_a_policy_without_a_denoiser_is_refused():
     module.provides = "direct"
     with pytest.raises(ConfigError, match="execution=rtc inpaints through a denoiser's Jacobian; a ScriptedModule has none"):
         Policy(module, MinMaxNormalizer(-np.ones(2), np.ones(2)), identity(), ["pos"], {"pos": 2}, N_OBS, HORIZON, 4, execution="rtc")
+
+
+def test_the_disturbed_pusht_pushes_the_block_and_repeats_with_the_seed():
+    pytest.importorskip("gym_pusht")
+    from envs import make_env
+
+    def run(p):
+        env = make_env("pusht", perturb=p)
+        obs = env.reset(seed=3)
+        hold = obs["agent_pos"].copy()  # the agent holds still, so only pushes move the block
+        states, pushes = [], 0
+        for _ in range(20):
+            obs, _, _, info = env.step(hold)
+            states.append(obs["state"][2:5])
+            pushes += info["pushed"]
+        env.close()
+        return np.array(states), pushes
+
+    still, none = run(0.0)
+    moved, pushes = run(0.5)
+    again, _ = run(0.5)
+    assert none == 0 and np.abs(still - still[0]).max() < 1e-3
+    assert pushes >= 5 and np.abs(moved - still).max() > 5.0 and np.array_equal(moved, again)
+    with pytest.raises(ConfigError, match=r"the obstacle2d environment has no setting perturb="):
+        make_env("obstacle2d", perturb=0.1)
+    with pytest.raises(ConfigError, match=r"perturb=1.5 is the chance per step"):
+        make_env("pusht", perturb=1.5)
