@@ -347,7 +347,7 @@ print(table.group(0) if table else "(table not found in benchmarks/RESULTS.md)")
 # %% [markdown]
 # ### Every method on Push-T: the benchmark's comparison table
 #
-# `benchmarks/policy_table.py` trains every policy method on the Push-T demonstrations (8000 steps each by
+# `benchmarks/leaderboard.py` trains every policy method on the Push-T demonstrations (8000 steps each by
 # default), scores the EMA policy during training on the paper's 50 seeds (the max and the mean of the last
 # 10 evaluations, as the paper reports) and the last checkpoint on 200 other seeds, and writes
 # `benchmarks/results/table_pusht*.json` (committed; a run on this machine also leaves them in `benchmarks/runs/`).
@@ -357,7 +357,7 @@ print(table.group(0) if table else "(table not found in benchmarks/RESULTS.md)")
 bench_tables = sorted((ROOT / "benchmarks" / "results").glob("table_pusht*.json"))
 if not bench_tables:
     print("No benchmarks/results/table_pusht*.json yet: the comparison is not measured on this machine. Produce it with\n"
-          "  PUSHT_ZARR=<pusht_cchi_v7_replay.zarr> python benchmarks/policy_table.py\n"
+          "  PUSHT_ZARR=<pusht_cchi_v7_replay.zarr> python benchmarks/leaderboard.py\n"
           "(all six methods, several CPU-hours; --max-train-episodes 90 --seeds 0,1,2 for the paper's protocol).")
 for table_path in bench_tables:
     rows = json.loads(table_path.read_text())

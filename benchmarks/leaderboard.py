@@ -1,17 +1,22 @@
-"""The Diffusion Policy paper's comparison table on our harness: every policy method, trained on the same demos and
-scored with the same runner (issue 20).
+"""The Push-T leaderboard: every policy method, trained on the same demos, scored with the same runner under both
+protocols researchers quote (issues 20 and 34).
 
-    PUSHT_ZARR=... python benchmarks/policy_table.py                          # Push-T, CPU widths, 1 seed
-    python benchmarks/policy_table.py --data obstacle2d                       # the two-route task, with the route split
-    python benchmarks/policy_table.py --max-train-episodes 90 --seeds 0,1,2   # the paper's data size and seeds
-    python benchmarks/policy_table.py --paper-widths                          # the paper's nets (a GPU's job)
-    python benchmarks/policy_table.py --images --methods dp_c,bc_mse          # image observations (96x96 frames + agent_pos)
+    PUSHT_ZARR=... python benchmarks/leaderboard.py                           # Push-T, CPU widths, 1 seed
+    python benchmarks/leaderboard.py --max-train-episodes 90 --seeds 0,1,2    # the paper's data size and seeds
+    python benchmarks/leaderboard.py --methods dp_c --protocols paper         # one method, the paper's protocol only
+    python benchmarks/leaderboard.py --data obstacle2d                        # the two-route task, with the route split
+    python benchmarks/leaderboard.py --paper-widths                           # the paper's nets (a GPU's job)
+    python benchmarks/leaderboard.py --images --methods dp_c,bc_mse           # image observations (96x96 frames + agent_pos)
 
-Protocol (the paper's): during training the EMA policy is rolled out every --eval-every steps on the reported seeds
-(Push-T 100000..100049, 300 steps; obstacle2d 100000..100049), and the row gives the max and the mean of the last 10
-of those evaluations (mean max-reward), averaged over training seeds. Beside it: the last checkpoint on a 200-seed
-set (200000..200199) with its success rate, NFE and latency per chunk at batch 1 (run with OMP_NUM_THREADS=1 for one
-thread), and the training budget (steps, wall seconds on this machine).
+Protocols (evaluation/policy_scores.py; their seed sets are disjoint):
+- the paper's: during training the EMA policy is rolled out every --eval-every steps on the same 50 starting states
+  (100000..100049, 300 steps), and the row gives the max and the mean of the last 10 of those evaluations (mean
+  max-reward, "coverage"), averaged over training seeds;
+- LeRobot's: the final checkpoint on 500 episodes (300000..300499): mean max-reward and success (coverage > 0.95)
+  with the 68% interval of the success rate's Beta posterior (uniform prior; the successes of all seeds pooled).
+Beside them: the last checkpoint on 200 other seeds (200000..200199), NFE, latency per chunk at batch 1 (run with
+OMP_NUM_THREADS=1 for one thread), parameters, steps and CPU minutes of training on this machine. A learning-curve
+plot per method goes to benchmarks/results/, and the table to JSON and Markdown there.
 
 Every run writes into benchmarks/runs/table_<data>[_e<episodes>][_paper]/<method>_s<seed>/ and is skipped when its
 final/metrics.json exists (a stopped run resumes from last.ckpt); every evaluation is skipped when its JSON exists.
@@ -30,6 +35,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from evaluation.policy_scores import SEED_SETS, beta_interval, check_disjoint, curve_summary  # noqa: E402
 RUNS = ROOT / "benchmarks" / "runs"
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -48,7 +55,6 @@ METHODS = {
 }
 # The paper's image-based Push-T figures (max / mean of the last 10), where it has them.
 PUBLISHED_IMAGE = {"dp_c": (0.91, 0.84), "dp_t": (0.78, 0.66), "lstm_gmm": (0.69, 0.54)}
-SEED_SETS = {"paper_50": (100000, 50), "wide_200": (200000, 200)}
 
 
 def run(cmd: list[str]) -> None:
@@ -84,6 +90,46 @@ def train(run_dir: Path, overrides: list[str]) -> float:
     return sum(float(s) for s in wall.read_text().split()) if wall.exists() else float("nan")
 
 
+def parameters(run_dir: Path) -> int:
+    from lightning_modules.checkpoint import load_module
+
+    module, _ = load_module(run_dir / "checkpoints" / "last.ckpt")
+    return sum(p.numel() for p in module.parameters())
+
+
+def plot_curves(name: str, method: str, per_seed: list[dict]) -> Path:
+    """The paper protocol's evaluations over training, one line per training seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for s in per_seed:
+        steps, values = zip(*s["curve"]) if s["curve"] else ((), ())
+        ax.plot(steps, values, marker=".", label=f"seed {s['seed']}")
+    ax.set_xlabel("training step"), ax.set_ylabel("mean max-reward (50 states)"), ax.set_ylim(0, 1), ax.grid(alpha=0.3)
+    ax.set_title(f"{METHODS[method][0]}", fontsize=9), ax.legend(fontsize=7)
+    out = RESULTS / f"{name}_{method}_curve.png"
+    fig.tight_layout(), fig.savefig(out, dpi=110), plt.close(fig)
+    return out
+
+
+def markdown(rows: dict) -> str:
+    head = ("| method | paper: max | paper: last 10 | LeRobot: reward | LeRobot: success (68%) | 200 seeds | NFE | ms/chunk | "
+            "params | steps | CPU min | paper's max / last 10 |\n" + "|---" * 12 + "|\n")
+    lines = []
+    for r in rows.values():
+        success = (f"{r['lerobot_success']:.3f} [{r['lerobot_success_interval'][0]:.3f}, {r['lerobot_success_interval'][1]:.3f}]"
+                   if r.get("lerobot_success") is not None else "-")
+        reward = f"{r['lerobot_reward']:.3f}" if r.get("lerobot_reward") is not None else "-"
+        paper = "/".join(f"{v:.2f}" for v in r["published_max_mean"]) if r["published_max_mean"] else "-"
+        lines.append(f"| {r['label']} | {r['max']:.3f} | {r['mean_last10']:.3f} | {reward} | {success} | {r['wide_200_reward']:.3f} / "
+                     f"{r['wide_200_success']:.2f} | {r['nfe']} | {r['latency_per_chunk_s'] * 1000:.1f} | {r.get('parameters', 0) / 1e6:.2f}M | "
+                     f"{r['max_steps']} | {r['train_wall_s'] / 60:.0f} | {paper} |")
+    return head + "\n".join(lines) + "\n"
+
+
 def evaluate(run_dir: Path, label: str) -> dict:
     first_seed, n = SEED_SETS[label]
     out = run_dir / "eval" / f"table_last_{label}.json"
@@ -111,8 +157,12 @@ def main() -> None:
                         "through --obs-encoder")
     parser.add_argument("--obs-encoder", default=None, help="image encoder: conv_small (default on CPU widths) or resnet18 "
                         "(the paper's; the default with --paper-widths)")
+    parser.add_argument("--protocols", default="paper,lerobot", help="comma list: paper (the training curve, always run) "
+                        "and lerobot (the final checkpoint on 500 episodes)")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra train.py overrides for every run")
     args = parser.parse_args()
+    check_disjoint()
+    lerobot = "lerobot" in args.protocols.split(",")
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -144,21 +194,30 @@ def main() -> None:
             run_dir = RUNS / name / f"{method}_s{seed}"
             wall = train(run_dir, [*overrides, f"seed={seed}"])
             curve = rollout_history(run_dir)
-            history = [v for _, v in curve]
             wide = evaluate(run_dir, "wide_200")
-            per_seed.append({"max": max(history) if history else float("nan"), "mean_last10": mean(history[-10:]),
-                             "evaluations": len(history), "wide_200_reward": wide["mean_max_reward"],
+            big = evaluate(run_dir, "lerobot_500") if lerobot else None
+            per_seed.append({"seed": seed, **curve_summary(curve), "wide_200_reward": wide["mean_max_reward"],
+                             "lerobot_reward": None if big is None else big["mean_max_reward"],
+                             "lerobot_successes": None if big is None else round(big["success_rate"] * big["num_episodes"]),
+                             "lerobot_episodes": None if big is None else big["num_episodes"],
+                             "parameters": parameters(run_dir),
                              "wide_200_success": wide["success_rate"], "nfe": wide["nfe"],
                              "latency_per_chunk_s": wide["latency_per_chunk_s"], "train_wall_s": wall,
                              "curve": [[int(step) + 1, round(float(v), 4)] for step, v in curve],  # the learning curve
                              **{k: wide[k] for k in ("route_left", "route_right") if k in wide}})
+        pooled = [s for s in per_seed if s["lerobot_episodes"]]
+        successes, episodes = sum(s["lerobot_successes"] for s in pooled), sum(s["lerobot_episodes"] for s in pooled)
+        plot_curves(name, method, per_seed)
         rows[method] = {
             "label": label, "seeds": policy_seeds, "max_steps": max_steps, "eval_every": every,
             "train_episodes": args.max_train_episodes or "all", "observations": f"image ({encoder}) + agent_pos" if args.images else "state",
             "published_max_mean": published,
             **{k: mean([s[k] for s in per_seed]) for k in ("max", "mean_last10", "wide_200_reward", "wide_200_success",
                                                           "latency_per_chunk_s", "train_wall_s")},
-            "nfe": per_seed[0]["nfe"], "per_seed": per_seed,
+            "nfe": per_seed[0]["nfe"], "parameters": per_seed[0]["parameters"], "per_seed": per_seed,
+            "lerobot_reward": mean([s["lerobot_reward"] for s in pooled]) if pooled else None,
+            "lerobot_success": successes / episodes if episodes else None,
+            "lerobot_success_interval": beta_interval(successes, episodes) if episodes else None,
             **{k: mean([s[k] for s in per_seed]) for k in ("route_left", "route_right") if k in per_seed[0]},
         }
     # rows of methods not run this time stay (each row names its own max_steps): one method at a time fills a table
@@ -171,6 +230,7 @@ def main() -> None:
     # beside the runs (which stay on this machine) a copy to commit: notebook 06 reads it
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    (RESULTS / f"{name}.md").write_text(markdown(rows))
     print(f"{'method':42s} {'max':>6s} {'last10':>6s} {'200 seeds':>9s} {'success':>7s} {'NFE':>4s} {'ms/chunk':>8s} {'train s':>8s}  paper")
     for r in rows.values():
         paper = "/".join(f"{v:.2f}" for v in r["published_max_mean"]) if r["published_max_mean"] else "-"
