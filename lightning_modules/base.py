@@ -126,14 +126,15 @@ class DiffusionModule(pl.LightningModule):
             self.null_cond = nn.Parameter(torch.zeros(int(self.cond_dim)))
 
     def drop_cond(self, batch: dict) -> dict:
-        """Each example's (encoded) condition replaced by the null one with probability cond_drop (training only)."""
+        """Each example's (encoded) condition replaced by the null one with probability cond_drop (training only); the
+        batch's `cond_dropped` (B,) says which (MeanFlow's guided target treats those rows apart)."""
         cond = batch.get("cond")
         if self.null_cond is None or self.cond_drop == 0.0 or not torch.is_tensor(cond):
             return batch
         drop = torch.rand(cond.shape[0], device=cond.device) < self.cond_drop
         flat = cond.reshape(cond.shape[0], -1)
         null = self.null_cond.to(flat.dtype).expand_as(flat)
-        return {**batch, "cond": torch.where(drop[:, None], null, flat).reshape(cond.shape)}
+        return {**batch, "cond": torch.where(drop[:, None], null, flat).reshape(cond.shape), "cond_dropped": drop}
 
     # --- what a method provides -------------------------------------------------------------
     def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:

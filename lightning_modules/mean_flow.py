@@ -53,6 +53,7 @@ class MeanFlow(DiffusionModule):
         jvp: str = "exact",
         fd_step: float = 1e-3,
         t_max: float = 0.999,
+        cfg_scale: float = 1.0,
         sampling: dict | None = None,
     ):
         super().__init__(net, optimizer, scheduler, data_shape, cond_dim, clip_denoised, sampling)
@@ -68,6 +69,9 @@ class MeanFlow(DiffusionModule):
         self.ratio_r_neq_t, self.logit_mean, self.logit_std = float(ratio_r_neq_t), float(logit_mean), float(logit_std)
         self.adaptive_p, self.adaptive_c = float(adaptive_p), float(adaptive_c)
         self.jvp_mode, self.fd_step, self.t_max = jvp, float(fd_step), float(t_max)
+        if cfg_scale <= 0:
+            raise ConfigError(f"model.cfg_scale={cfg_scale} is not valid: a guidance scale > 0 (1: no guidance)")
+        self.cfg_scale = float(cfg_scale)
         self.check_default_sampler()
 
     @classmethod
@@ -108,12 +112,27 @@ class MeanFlow(DiffusionModule):
         r, t = r.to(x0.dtype), t.to(x0.dtype)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         z = self.path.perturb(x0, t, noise)
-        v = self.path.velocity_target(x0, t, noise)
+        v = self.guided_velocity(batch, z, t, self.path.velocity_target(x0, t, noise))
         u, dudt = self.total_derivative(z, r, t, v, cond)
         target = (v - bcast(t - r, x0) * dudt).detach()
         err = (u - target).flatten(1).pow(2).sum(1)
         weight = (err.detach() + self.adaptive_c).pow(-self.adaptive_p)
         return (weight * err).mean() / x0[0].numel()
+
+    def guided_velocity(self, batch: dict, z, t, v):
+        """MeanFlow's classifier-free guidance, folded into training (Geng et al. 2025, Sec. 4.2): on the rows that
+        kept their condition the field is w v + (1 - w) u(z_t, t, t | null), the model's own unconditional velocity
+        (stop-gradient); dropped rows keep v. One step then samples the guided field, with no second pass."""
+        if self.cfg_scale == 1.0 or batch.get("cond") is None:
+            return v
+        if self.null_cond is None:
+            raise ConfigError("model.cfg_scale needs the learned null condition: train with model.cond_drop=0.1 as well")
+        cond = batch["cond"]
+        null = self.null_cond.to(cond.dtype).expand(cond.shape[0], -1)
+        with torch.no_grad():
+            u_null = self.average_velocity(z, t, t, null).to(v.dtype)
+        kept = ~batch.get("cond_dropped", torch.zeros(cond.shape[0], dtype=torch.bool, device=cond.device))
+        return torch.where(bcast(kept, v).bool(), self.cfg_scale * v + (1 - self.cfg_scale) * u_null, v)
 
     # --- sampling: the flow map between VE levels -------------------------------------------------------
     @property

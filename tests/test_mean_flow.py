@@ -155,3 +155,40 @@ def test_samplers_and_nets_are_refused_in_one_line():
         broken.loss(batch)
     broken.jvp_mode = "finite_difference"
     assert torch.isfinite(broken.loss(batch))
+
+
+def test_guidance_folded_into_training_mixes_the_models_unconditional_velocity_on_kept_rows():
+    """cfg_scale = w: the field the JVP follows and the target uses is w (n - x0) + (1 - w) u(z, t, t | null) where the
+    condition was kept, and n - x0 where it was dropped; w = 1 leaves the loss bitwise unchanged."""
+    torch.manual_seed(0)
+    net = MLP((2,), hidden=8, depth=1, cond_dim=MeanFlow.net_cond_dim(3))
+    mf = MeanFlow(net, partial(torch.optim.Adam), data_shape=(2,), cond_dim=3, cfg_scale=2.5)
+    mf.enable_cond_drop(0.5)
+    batch = {"x": torch.randn(16, 2), "cond": torch.eye(3)[torch.arange(16) % 3]}
+    dropped = mf.drop_cond(batch)
+    seen = {}
+    real = mf.total_derivative
+
+    def spy(z, r, t, v, cond):
+        seen.update(z=z, t=t, v=v)
+        return real(z, r, t, v, cond)
+
+    mf.total_derivative = spy
+    mf.loss(dropped, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    r, t = mf.draw_r_t(16, "cpu", g)
+    noise = torch.randn((16, 2), generator=g)
+    plain = noise - batch["x"]
+    null = mf.null_cond.expand(16, -1)
+    with torch.no_grad():
+        u_null = mf.average_velocity(seen["z"], seen["t"], seen["t"], null)
+    kept = ~dropped["cond_dropped"]
+    assert kept.any() and (~kept).any()
+    torch.testing.assert_close(seen["v"][kept], (2.5 * plain + (1 - 2.5) * u_null)[kept])
+    torch.testing.assert_close(seen["v"][~kept], plain[~kept])
+    mf.cfg_scale = 1.0
+    torch.testing.assert_close(mf.loss(dropped, torch.Generator().manual_seed(1)).detach(),
+                               mf.loss({**dropped, "cond_dropped": None}, torch.Generator().manual_seed(1)).detach())
+    with pytest.raises(ConfigError, match=r"model.cfg_scale needs the learned null condition"):
+        MeanFlow(MLP((2,), hidden=8, depth=1, cond_dim=MeanFlow.net_cond_dim(3)), partial(torch.optim.Adam),
+                 data_shape=(2,), cond_dim=3, cfg_scale=2.0).loss(batch)
