@@ -15,6 +15,8 @@ Difference from robomimic at rollout: robomimic steps the LSTM's hidden state on
 it every `horizon` (10) steps, so the context grows from 1 to 10 observations and restarts. Here the policy
 re-reads the last T observations on every step (a sliding window, the first observation repeated at an episode
 start), so every action sees exactly T observations, as the training windows do. The training loss is the same.
+`step` is robomimic's stepping form; stepped from a reset it equals the window's output wherever the window covers
+the whole context since the reset (tests/test_lstm_gmm.py), which is how the two rollouts relate.
 
 At test time robomimic shrinks every component's std to 1e-4 (`low_noise_eval`): a draw picks a component from
 the mixture weights and returns (about) its mean. Draws use the given torch.Generator only (torch.multinomial and
@@ -53,14 +55,16 @@ class MixtureLSTM(nn.Module):
         self.lstm = nn.LSTM(obs_dim, hidden, num_layers=num_layers, batch_first=True)
         self.head = nn.Linear(hidden, num_modes * (2 * action_dim + 1))
 
-    def forward(self, obs: torch.Tensor):
-        """obs (B, T, obs_dim) -> raw means (B, T, K, D), raw stds (B, T, K, D), logits (B, T, K)."""
-        features, _ = self.lstm(obs)
+    def forward(self, obs: torch.Tensor, state=None, return_state: bool = False):
+        """obs (B, T, obs_dim) -> raw means (B, T, K, D), raw stds (B, T, K, D), logits (B, T, K); from the LSTM state
+        `state` (zeros when None), and the state after the last step with return_state."""
+        features, state = self.lstm(obs, state)
         out = self.head(features)
         b, t = obs.shape[:2]
         k, d = self.num_modes, self.action_dim
         means, stds, logits = out.split([k * d, k * d, k], dim=-1)
-        return means.reshape(b, t, k, d), stds.reshape(b, t, k, d), logits
+        raw = (means.reshape(b, t, k, d), stds.reshape(b, t, k, d), logits)
+        return (*raw, state) if return_state else raw
 
 
 class LSTMGMM(DirectModule):
@@ -102,6 +106,15 @@ class LSTMGMM(DirectModule):
         means = torch.tanh(means)
         stds = torch.full_like(means, LOW_NOISE_STD) if low_noise else F.softplus(stds) + self.min_std
         return means, stds, logits
+
+    def step(self, obs: torch.Tensor, state=None, low_noise: bool = False):
+        """robomimic's rollout form: one observation (B, obs_dim) and the LSTM state carried from the step before (None
+        at a reset) -> this step's mixture (means, stds (B, K, D), logits (B, K)) and the new state. Stepped from a
+        reset over o_1..o_t it gives what `mixture` gives at step t of the window o_1..o_T."""
+        means, stds, logits, state = self.net(obs[:, None], state, return_state=True)
+        means = torch.tanh(means[:, 0])
+        stds = torch.full_like(means, LOW_NOISE_STD) if low_noise else F.softplus(stds[:, 0]) + self.min_std
+        return (means, stds, logits[:, 0]), state
 
     def log_prob(self, cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(a_t | o_1..o_t) for every row and step: (B, T)."""

@@ -156,3 +156,25 @@ def test_a_chunk_longer_than_the_observation_window_is_refused():
         LSTMGMM(None, ADAM, data_shape=(2,), cond_dim=None, n_obs_steps=1, hidden=8)
     with pytest.raises(ConfigError, match="model.num_modes"):
         LSTMGMM(None, ADAM, data_shape=(2, 2), cond_dim=4, n_obs_steps=2, num_modes=0)
+
+
+def test_stepping_the_hidden_state_equals_the_window_when_it_covers_the_context():
+    """robomimic's stateful rollout (one observation a step, the LSTM state carried from a reset) gives, at every step
+    t, the mixture the window form gives at step t of o_1..o_T: the sliding-window rollout re-reads the same
+    context whenever the window covers everything since the reset."""
+    model = make(T=6)
+    obs = torch.randn(3, 6, 2, generator=torch.Generator().manual_seed(9))
+    window = model.mixture(obs.reshape(3, -1))
+    state = None
+    for t in range(6):
+        (means, stds, logits), state = model.step(obs[:, t], state)
+        torch.testing.assert_close(means, window[0][:, t], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stds, window[1][:, t], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(logits, window[2][:, t], rtol=1e-5, atol=1e-6)
+    # from a reset at step 3, stepping o_4..o_6 is the window o_4..o_6 (the context since the reset), not o_1..o_6
+    state = None
+    for t in range(3, 6):
+        (means, _, _), state = model.step(obs[:, t], state)
+    short = model.net(obs[:, 3:6])[0]
+    torch.testing.assert_close(means, torch.tanh(short[:, -1]), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(means, window[0][:, 5], atol=1e-3)
